@@ -1,0 +1,22 @@
+"""fastlsm: fast, numerically stable log_softmax, softmax, logsumexp and cross-entropy kernels.
+
+Importing fastlsm is cheap: Numba and the kernels load on the first call.
+"""
+
+from fastlsm._softmax import (
+    log_softmax,
+    log_softmax_backward,
+    logsumexp,
+    softmax,
+    softmax_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "log_softmax",
+    "log_softmax_backward",
+    "logsumexp",
+    "softmax",
+    "softmax_backward",
+]

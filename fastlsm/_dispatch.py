@@ -1,0 +1,215 @@
+"""The one place that validates arguments, settles dtypes and axes, and picks a kernel.
+
+Public functions turn their arguments into a :class:`Rows` problem here: the class axes moved to
+the end and the array seen as ``(rows, classes)``, without a copy wherever the memory layout
+allows one.  Kernels only ever see float32/float64 arrays of that 2-D shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# Below this many elements a serial kernel beats starting the thread team (measured with
+# `python -m fastlsm.cli tune`-style sweeps; see the README's performance notes).
+PARALLEL_MIN_ELEMENTS = 32768
+
+_FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
+
+
+def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """SciPy's rule: floats keep their dtype, integers and bool become float64."""
+    if dtype.kind in "biu":
+        return np.dtype(np.float64)
+    if dtype.kind == "f":
+        if dtype.itemsize > 8:
+            raise TypeError(f"{name} has dtype {dtype}, which fastlsm does not support; "
+                            "cast it to float64 first")
+        return dtype
+    raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float16 is computed in float32; every other result dtype is computed as itself."""
+    return _FLOAT_COMPUTE.get(dtype, dtype)
+
+
+def as_real_array(x, name: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        array = x
+    else:
+        try:
+            array = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    result_dtype(array.dtype, name)
+    return array
+
+
+def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Sorted, non-negative axes; ``None`` means every axis.  A 0-d array has one implicit axis."""
+    n = max(ndim, 1)
+    if axis is None:
+        return tuple(range(n))
+    items = axis if isinstance(axis, tuple) else (axis,)
+    axes = []
+    for item in items:
+        try:
+            index = operator.index(item)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, a tuple of ints or None, got {axis!r}") from None
+        if not -n <= index < n:
+            raise np.exceptions.AxisError(index, n)
+        axes.append(index % n)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"repeated axis in {name}={axis!r}")
+    return tuple(sorted(axes))
+
+
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
+def as_matrix(a: np.ndarray, n_class_axes: int) -> np.ndarray:
+    """``a`` (class axes last) as ``(rows, classes)``: a view where the layout allows, else a copy."""
+    classes = int(np.prod(a.shape[a.ndim - n_class_axes:], dtype=np.int64))
+    rows = a.size // classes if classes else int(np.prod(a.shape[:a.ndim - n_class_axes]))
+    return a.reshape(rows, classes)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype)
+
+
+@dataclass
+class Rows:
+    """An input seen as ``(rows, classes)`` in its compute dtype, and how to map results back."""
+    array: np.ndarray          # the caller's array, converted to an ndarray (never modified)
+    axes: tuple[int, ...]      # class axes, sorted
+    result_dtype: np.dtype
+    compute_dtype: np.dtype
+    matrix: np.ndarray         # (rows, classes), compute dtype; a view of `array` where possible
+
+
+def moved(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``a`` with its class axes moved, in order, to the end (a view)."""
+    if a.ndim == 0:
+        return a.reshape(1)
+    k = len(axes)
+    if axes == tuple(range(a.ndim - k, a.ndim)):
+        return a
+    return np.moveaxis(a, axes, tuple(range(a.ndim - k, a.ndim)))
+
+
+def to_rows(array: np.ndarray, axes: tuple[int, ...], name: str) -> Rows:
+    rdtype = result_dtype(array.dtype, name)
+    cdtype = compute_dtype(rdtype)
+    m = moved(array, axes)
+    if m.dtype != cdtype:
+        m = m.astype(cdtype)
+    return Rows(array, axes, rdtype, cdtype, as_matrix(m, len(axes)))
+
+
+def elementwise_target(rows: Rows, out: np.ndarray | None):
+    """The array to return and the ``(rows, classes)`` array the kernel writes.
+
+    The kernel writes straight into the result when it can; otherwise (a dtype to cast to, a
+    layout with no 2-D view, an ``out`` overlapping the input other than exactly) it writes a
+    scratch matrix that :func:`finish_elementwise` copies into the result.
+    """
+    array = rows.array
+    if out is None:
+        result = np.empty_like(array, dtype=rows.result_dtype)
+    else:
+        check_out(out, array.shape, rows.result_dtype)
+        result = out
+    target = None
+    if result.dtype == rows.compute_dtype:
+        overlaps = out is not None and np.may_share_memory(out, rows.matrix)
+        if not overlaps or _same_memory(out, array):
+            target = as_matrix(moved(result, rows.axes), len(rows.axes))
+            if not np.may_share_memory(target, result):
+                target = None  # the layout has no 2-D view: reshape made a copy
+    if target is None:
+        target = np.empty(rows.matrix.shape, rows.compute_dtype)
+    return result, target
+
+
+def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray):
+    dst = moved(result, rows.axes)
+    if not np.may_share_memory(dst, target):
+        dst[...] = target.reshape(dst.shape)
+    return result[()] if result.ndim == 0 and rows.array.ndim == 0 else result
+
+
+# --- kernel choice -------------------------------------------------------------------------
+
+_parallel_lock = threading.Lock()
+
+
+@functools.cache
+def _kernels():
+    """Import the kernels (and Numba) on first use, after choosing a thread-safe layer."""
+    import numba
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        # Numba's default prefers tbb, then omp, then `workqueue`, which aborts the process when two
+        # Python threads enter parallel code at once.  Ask for a thread-safe layer when one loads.
+        if _loadable("numba.np.ufunc.tbbpool") or _loadable("numba.np.ufunc.omppool"):
+            numba.config.THREADING_LAYER = "threadsafe"
+    from fastlsm.cpu import kernels
+    return kernels
+
+
+def _loadable(module: str) -> bool:
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use, starting the thread pool if needed."""
+    import numba
+    from numba.np.ufunc import parallel
+    _kernels()
+    parallel._launch_threads()
+    return numba.threading_layer()
+
+
+@functools.cache
+def _layer_is_threadsafe() -> bool:
+    return threading_layer() != "workqueue"
+
+
+def run(kernel_name: str, *arrays: np.ndarray) -> None:
+    """Run a row kernel on ``(rows, classes)`` arrays; the first array's size picks the variant."""
+    kernel = getattr(_kernels(), kernel_name)
+    first = arrays[0]
+    import numba
+    if first.size < PARALLEL_MIN_ELEMENTS or first.shape[0] < 2 or numba.get_num_threads() == 1:
+        kernel.serial(*arrays)
+    elif _layer_is_threadsafe():
+        kernel.parallel(*arrays)
+    elif _parallel_lock.acquire(blocking=False):
+        # workqueue: only one thread at a time may be inside parallel code; the others run serial.
+        try:
+            kernel.parallel(*arrays)
+        finally:
+            _parallel_lock.release()
+    else:
+        kernel.serial(*arrays)

@@ -1,0 +1,174 @@
+"""log_softmax, softmax, logsumexp and their backward passes (the public API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastlsm import _dispatch as d
+
+Axis = int | tuple[int, ...] | None
+
+
+def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
+    array = d.as_real_array(x, "x")
+    axes = d.normalize_axes(axis, array.ndim)
+    rows = d.to_rows(array, axes, "x")
+    result, target = d.elementwise_target(rows, out)
+    if target.size:
+        d.run(kernel, rows.matrix, target)
+    return d.finish_elementwise(rows, result, target)
+
+
+def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Logarithm of the softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
+
+    Parameters
+    ----------
+    x : array_like
+        Real input.  float32 and float64 are computed in their own precision, float16 in float32
+        (and returned as float16); integers and bool become float64.
+    axis : int, tuple of ints or None, optional
+        Axis or axes making up one softmax "row" (default: the last).  ``None`` uses every axis.
+    out : ndarray, optional
+        Array to write into, of ``x``'s shape and the result dtype; may be ``x`` itself.
+
+    Returns
+    -------
+    ndarray
+        Same shape as ``x``.
+
+    Notes
+    -----
+    Non-finite values follow ``scipy.special.log_softmax``: an all ``-inf`` row gives nan, a row
+    holding ``+inf`` gives nan at the ``+inf`` entries and ``-inf`` elsewhere, a nan makes the row
+    nan.
+
+    Examples
+    --------
+    >>> import fastlsm
+    >>> fastlsm.log_softmax([[2.0, 1.0, 0.1], [0.5, 2.0, 1.5]]).round(4)
+    array([[-0.417 , -1.417 , -2.317 ],
+           [-2.1041, -0.6041, -1.1041]])
+    """
+    return _elementwise("log_softmax_rows", x, axis, out)
+
+
+def softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
+
+    Parameters and dtypes as in :func:`log_softmax`.  As in ``scipy.special.softmax``, a row whose
+    max is not finite (``+inf`` present, or all ``-inf``) or that holds a nan is all nan.
+
+    Examples
+    --------
+    >>> import fastlsm
+    >>> fastlsm.softmax([1.0, 1.0]).tolist()
+    [0.5, 0.5]
+    """
+    return _elementwise("softmax_rows", x, axis, out)
+
+
+def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False,
+              out: np.ndarray | None = None) -> Any:
+    """``log(sum(exp(x)))`` along ``axis``, computed without overflow.
+
+    Parameters
+    ----------
+    x : array_like
+        Real input; dtypes as in :func:`log_softmax`.
+    axis : int, tuple of ints or None, optional
+        Axis or axes to reduce (default: the last).  ``None`` reduces every axis.
+    keepdims : bool, optional
+        Keep the reduced axes as size-1 dimensions.
+    out : ndarray, optional
+        Array of the result's shape and dtype to write into.
+
+    Returns
+    -------
+    ndarray or scalar
+        A NumPy scalar when every axis is reduced and ``out`` is not given.  An empty axis gives
+        ``-inf``; a row holding ``+inf`` gives ``inf``, a nan gives nan (as ``scipy.special``).
+
+    Examples
+    --------
+    >>> import fastlsm
+    >>> float(fastlsm.logsumexp([0.0, 0.0]))  # log(2)
+    0.6931471805599453
+    """
+    array = d.as_real_array(x, "x")
+    axes = d.normalize_axes(axis, array.ndim)
+    rows = d.to_rows(array, axes, "x")
+    kept = tuple(1 if i in axes else n for i, n in enumerate(array.shape))
+    shape = kept if keepdims else tuple(n for i, n in enumerate(array.shape) if i not in axes)
+    if out is not None:
+        d.check_out(out, shape, rows.result_dtype)
+    lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
+    if lse.size:
+        d.run("logsumexp_rows", rows.matrix, lse)
+    if out is None:
+        result = lse.reshape(shape).astype(rows.result_dtype, copy=False)
+        return result[()] if result.ndim == 0 else result
+    out[...] = lse.reshape(shape)
+    return out
+
+
+def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis) -> np.ndarray:
+    g = d.as_real_array(grad_output, "grad_output")
+    y = d.as_real_array(output, "output")
+    if g.shape != y.shape:
+        raise ValueError(f"grad_output has shape {g.shape} but output has shape {y.shape}; "
+                         "they must match")
+    dtype = np.result_type(d.result_dtype(g.dtype, "grad_output"),
+                           d.result_dtype(y.dtype, "output"))
+    axes = d.normalize_axes(axis, g.ndim)
+    g_rows = d.to_rows(g.astype(dtype, copy=False), axes, "grad_output")
+    y_rows = d.to_rows(y.astype(dtype, copy=False), axes, "output")
+    result, target = d.elementwise_target(g_rows, None)
+    if target.size:
+        d.run(kernel, g_rows.matrix, y_rows.matrix, target)
+    return d.finish_elementwise(g_rows, result, target)
+
+
+def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:
+    """Vector-Jacobian product of :func:`log_softmax`: ``g - exp(y) * sum(g)`` along ``axis``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        Gradient of the loss with respect to the output of ``log_softmax``.
+    output : array_like
+        The forward output ``y = log_softmax(x, axis)``, same shape as ``grad_output``.
+    axis : int, tuple of ints or None, optional
+        The axis the forward pass used.
+
+    Returns
+    -------
+    ndarray
+        The gradient with respect to ``x``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlsm
+    >>> y = fastlsm.log_softmax(np.array([0.0, 0.0]))
+    >>> fastlsm.log_softmax_backward(np.array([1.0, 0.0]), y).tolist()
+    [0.5, -0.5]
+    """
+    return _backward("log_softmax_backward_rows", grad_output, output, axis)
+
+
+def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:
+    """Vector-Jacobian product of :func:`softmax`: ``y * (g - sum(g * y))`` along ``axis``.
+
+    Parameters as in :func:`log_softmax_backward`, with ``output = softmax(x, axis)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlsm
+    >>> y = fastlsm.softmax(np.array([0.0, 0.0]))
+    >>> fastlsm.softmax_backward(np.array([1.0, 0.0]), y).tolist()
+    [0.25, -0.25]
+    """
+    return _backward("softmax_backward_rows", grad_output, output, axis)

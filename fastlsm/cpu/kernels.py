@@ -1,0 +1,161 @@
+"""Row-wise log_softmax / softmax / logsumexp kernels and their backward passes.
+
+Every kernel takes 2-D arrays whose last axis is the class axis and loops over rows with
+``prange``; :func:`rowwise` compiles each one twice, as a parallel and as a serial kernel, so the
+dispatcher can skip thread start-up on small inputs.
+
+A row is read from memory once for its statistics: it is walked in blocks that fit in L1, each
+block's max is found first and the block's ``exp`` sum is then taken from cache, and the running
+sum is rescaled when the max grows (the online (max, sum) merge).  The write pass reads the row a
+second time, from L2 for rows up to ~1 MiB.
+"""
+
+import math
+from types import FunctionType
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from fastlsm.cpu._exp import exp
+
+# Elements per block of the statistics pass: small enough to stay in L1 between its max and its
+# sum of exps, large enough that the per-block rescale costs nothing.
+BLOCK = 2048
+
+
+class RowKernel(NamedTuple):
+    parallel: object
+    serial: object
+
+
+def rowwise(py_func):
+    """Compile ``py_func`` (a loop over ``prange``) as a parallel and as a serial kernel."""
+    # Numba's cache keys on the function's qualified name and bytecode, not on ``parallel``:
+    # the serial twin gets a name of its own so the two never share a cache entry.
+    serial_func = FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial")
+    serial_func.__qualname__ = py_func.__qualname__ + "_serial"
+    return RowKernel(
+        parallel=njit(parallel=True, cache=True, nogil=True)(py_func),
+        serial=njit(cache=True, nogil=True)(serial_func),
+    )
+
+
+@njit(inline="always")
+def _finite_or_zero(m):
+    # SciPy shifts by the max only where it is finite: a +inf or all -inf row is shifted by 0,
+    # which gives its documented nan / -inf answers instead of inf - inf everywhere.
+    return m if math.isfinite(m) else 0.0
+
+
+@njit
+def _block_max(row, start, stop):
+    m = -np.inf
+    for j in range(start, stop):
+        v = row[j]
+        if v > m:
+            m = v
+    return m
+
+
+@njit
+def _block_sum_exp(row, start, stop, shift):
+    c = row.dtype.type(shift)
+    s = 0.0
+    for j in range(start, stop):
+        s += exp(row[j] - c)
+    return s
+
+
+@njit
+def row_max_and_sum(row):
+    """``(m, s)``: the row max (nan ignored) and ``s = sum(exp(row - shift))``, ``shift = m`` if finite else 0.
+
+    A nan anywhere makes ``s`` nan; ``s`` is 0 for an all ``-inf`` or empty row and ``inf`` for a
+    row holding ``+inf``.
+    """
+    m = -np.inf
+    s = 0.0
+    for start in range(0, row.shape[0], BLOCK):
+        stop = min(start + BLOCK, row.shape[0])
+        block_m = _block_max(row, start, stop)
+        if block_m > m:
+            # s == 0 guards the -inf -> finite step, where exp(0 - m) can overflow and 0 * inf is nan.
+            if s != 0.0:
+                s *= math.exp(_finite_or_zero(m) - _finite_or_zero(block_m))
+            m = block_m
+        s += _block_sum_exp(row, start, stop, _finite_or_zero(m))
+    return m, s
+
+
+@njit
+def row_sum(row):
+    s = 0.0
+    for j in range(row.shape[0]):
+        s += row[j]
+    return s
+
+
+@njit
+def row_dot(a, b):
+    s = 0.0
+    for j in range(a.shape[0]):
+        s += a[j] * b[j]
+    return s
+
+
+@rowwise
+def log_softmax_rows(x, out):
+    for i in prange(x.shape[0]):
+        row = x[i]
+        m, s = row_max_and_sum(row)
+        c = row.dtype.type(_finite_or_zero(m))
+        log_s = row.dtype.type(math.log(s))
+        dst = out[i]
+        for j in range(row.shape[0]):
+            dst[j] = (row[j] - c) - log_s
+
+
+@rowwise
+def softmax_rows(x, out):
+    for i in prange(x.shape[0]):
+        row = x[i]
+        m, s = row_max_and_sum(row)
+        dst = out[i]
+        # SciPy's softmax shifts by the max even when it is not finite, which makes such rows nan.
+        if not math.isfinite(m):
+            dst[:] = np.nan
+            continue
+        c = row.dtype.type(m)
+        inv_s = row.dtype.type(1.0 / s)
+        for j in range(row.shape[0]):
+            dst[j] = exp(row[j] - c) * inv_s
+
+
+@rowwise
+def logsumexp_rows(x, out):
+    for i in prange(x.shape[0]):
+        m, s = row_max_and_sum(x[i])
+        out[i] = _finite_or_zero(m) + math.log(s)
+
+
+@rowwise
+def log_softmax_backward_rows(grad_output, output, grad_input):
+    for i in prange(grad_output.shape[0]):
+        g = grad_output[i]
+        y = output[i]
+        total = g.dtype.type(row_sum(g))
+        dst = grad_input[i]
+        for j in range(g.shape[0]):
+            dst[j] = g[j] - exp(y[j]) * total
+
+
+@rowwise
+def softmax_backward_rows(grad_output, output, grad_input):
+    for i in prange(grad_output.shape[0]):
+        g = grad_output[i]
+        y = output[i]
+        dot = g.dtype.type(row_dot(g, y))
+        dst = grad_input[i]
+        for j in range(g.shape[0]):
+            dst[j] = y[j] * (g[j] - dot)
