@@ -8,6 +8,7 @@ allows one.  Kernels only ever see float32/float64 arrays of that 2-D shape.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 import threading
@@ -56,6 +57,8 @@ def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     n = max(ndim, 1)
     if axis is None:
         return tuple(range(n))
+    if type(axis) is int and -n <= axis < n:
+        return (axis % n,)
     items = axis if isinstance(axis, tuple) else (axis,)
     axes = []
     for item in items:
@@ -84,9 +87,8 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> None:
 
 def as_matrix(a: np.ndarray, n_class_axes: int) -> np.ndarray:
     """``a`` (class axes last) as ``(rows, classes)``: a view where the layout allows, else a copy."""
-    classes = int(np.prod(a.shape[a.ndim - n_class_axes:], dtype=np.int64))
-    rows = a.size // classes if classes else int(np.prod(a.shape[:a.ndim - n_class_axes]))
-    return a.reshape(rows, classes)
+    split = a.ndim - n_class_axes
+    return a.reshape(math.prod(a.shape[:split]), math.prod(a.shape[split:]))
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -94,7 +96,7 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
             and a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype)
 
 
-@dataclass
+@dataclass(slots=True)
 class Rows:
     """An input seen as ``(rows, classes)`` in its compute dtype, and how to map results back."""
     array: np.ndarray          # the caller's array, converted to an ndarray (never modified)
@@ -109,7 +111,7 @@ def moved(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     if a.ndim == 0:
         return a.reshape(1)
     k = len(axes)
-    if axes == tuple(range(a.ndim - k, a.ndim)):
+    if axes[0] == a.ndim - k and axes[-1] == a.ndim - 1:  # sorted and distinct: already trailing
         return a
     return np.moveaxis(a, axes, tuple(range(a.ndim - k, a.ndim)))
 
@@ -123,36 +125,32 @@ def to_rows(array: np.ndarray, axes: tuple[int, ...], name: str) -> Rows:
     return Rows(array, axes, rdtype, cdtype, as_matrix(m, len(axes)))
 
 
-def elementwise_target(rows: Rows, out: np.ndarray | None):
-    """The array to return and the ``(rows, classes)`` array the kernel writes.
+def elementwise_target(rows: Rows, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(result, target, scratch)``: the array to return and the ``(rows, classes)`` one to write.
 
-    The kernel writes straight into the result when it can; otherwise (a dtype to cast to, a
-    layout with no 2-D view, an ``out`` overlapping the input other than exactly) it writes a
-    scratch matrix that :func:`finish_elementwise` copies into the result.
+    The kernel writes straight into the result when it can.  Otherwise (a dtype to cast to, a
+    layout with no 2-D view, an ``out`` overlapping the input other than exactly) ``scratch`` is
+    true and :func:`finish_elementwise` copies the target into the result.
     """
     array = rows.array
     if out is None:
-        result = np.empty_like(array, dtype=rows.result_dtype)
+        result = np.empty_like(array, dtype=rows.result_dtype)  # keeps the input's layout
     else:
         check_out(out, array.shape, rows.result_dtype)
         result = out
-    target = None
-    if result.dtype == rows.compute_dtype:
-        overlaps = out is not None and np.may_share_memory(out, rows.matrix)
-        if not overlaps or _same_memory(out, array):
-            target = as_matrix(moved(result, rows.axes), len(rows.axes))
-            if not np.may_share_memory(target, result):
-                target = None  # the layout has no 2-D view: reshape made a copy
-    if target is None:
-        target = np.empty(rows.matrix.shape, rows.compute_dtype)
-    return result, target
+    if result.dtype == rows.compute_dtype and (
+            out is None or _same_memory(out, array) or not np.may_share_memory(out, rows.matrix)):
+        target = as_matrix(moved(result, rows.axes), len(rows.axes))
+        if np.may_share_memory(target, result):
+            return result, target, False
+    return result, np.empty(rows.matrix.shape, rows.compute_dtype), True
 
 
-def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray):
-    dst = moved(result, rows.axes)
-    if not np.may_share_memory(dst, target):
+def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray, scratch: bool):
+    if scratch:
+        dst = moved(result, rows.axes)
         dst[...] = target.reshape(dst.shape)
-    return result[()] if result.ndim == 0 and rows.array.ndim == 0 else result
+    return result[()] if rows.array.ndim == 0 else result
 
 
 # --- kernel choice -------------------------------------------------------------------------
@@ -171,6 +169,11 @@ def _kernels():
             numba.config.THREADING_LAYER = "threadsafe"
     from fastlsm.cpu import kernels
     return kernels
+
+
+def _get_num_threads() -> int:
+    from numba import get_num_threads
+    return get_num_threads()
 
 
 def _loadable(module: str) -> bool:
@@ -196,20 +199,24 @@ def _layer_is_threadsafe() -> bool:
     return threading_layer() != "workqueue"
 
 
+def kernel(name: str):
+    """The :class:`~fastlsm.cpu.kernels.RowKernel` called ``name``."""
+    return getattr(_kernels(), name)
+
+
 def run(kernel_name: str, *arrays: np.ndarray) -> None:
     """Run a row kernel on ``(rows, classes)`` arrays; the first array's size picks the variant."""
-    kernel = getattr(_kernels(), kernel_name)
+    row_kernel = kernel(kernel_name)
     first = arrays[0]
-    import numba
-    if first.size < PARALLEL_MIN_ELEMENTS or first.shape[0] < 2 or numba.get_num_threads() == 1:
-        kernel.serial(*arrays)
+    if first.size < PARALLEL_MIN_ELEMENTS or first.shape[0] < 2 or _get_num_threads() == 1:
+        row_kernel.serial(*arrays)
     elif _layer_is_threadsafe():
-        kernel.parallel(*arrays)
+        row_kernel.parallel(*arrays)
     elif _parallel_lock.acquire(blocking=False):
         # workqueue: only one thread at a time may be inside parallel code; the others run serial.
         try:
-            kernel.parallel(*arrays)
+            row_kernel.parallel(*arrays)
         finally:
             _parallel_lock.release()
     else:
-        kernel.serial(*arrays)
+        row_kernel.serial(*arrays)

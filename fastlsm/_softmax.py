@@ -16,10 +16,10 @@ def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
     array = d.as_real_array(x, "x")
     axes = d.normalize_axes(axis, array.ndim)
     rows = d.to_rows(array, axes, "x")
-    result, target = d.elementwise_target(rows, out)
+    result, target, scratch = d.elementwise_target(rows, out)
     if target.size:
         d.run(kernel, rows.matrix, target)
-    return d.finish_elementwise(rows, result, target)
+    return d.finish_elementwise(rows, result, target, scratch)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -126,10 +126,10 @@ def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis
     axes = d.normalize_axes(axis, g.ndim)
     g_rows = d.to_rows(g.astype(dtype, copy=False), axes, "grad_output")
     y_rows = d.to_rows(y.astype(dtype, copy=False), axes, "output")
-    result, target = d.elementwise_target(g_rows, None)
+    result, target, scratch = d.elementwise_target(g_rows, None)
     if target.size:
         d.run(kernel, g_rows.matrix, y_rows.matrix, target)
-    return d.finish_elementwise(g_rows, result, target)
+    return d.finish_elementwise(g_rows, result, target, scratch)
 
 
 def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:
