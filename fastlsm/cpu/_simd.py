@@ -1,0 +1,104 @@
+"""``exp`` and ``max`` written so that LLVM vectorises the loops that call them.
+
+Numba on PyPI has no SVML: ``math.exp`` in a loop becomes one ``expf`` call per element.  The
+``exp`` here is emitted as LLVM IR: a Cody-Waite range reduction, a minimax (float32) or Taylor
+(float64) polynomial and ``2**n`` built by integer-to-float bitcasts, all branch-free, so a loop of
+it runs 8 float32 / 4 float64 lanes wide.  Measured error: <= 1.01 ulp (every float32 in
+[-110, 95]), <= 0.99 ulp (5M float64 points); ``exp(-inf) = 0``, ``exp(inf) = inf``,
+``exp(nan) = nan``, overflow gives ``inf``, underflow gradual subnormals then 0.
+
+Every instruction carries the ``contract`` flag (FMA allowed): Numba's fast-math pass only flags
+instructions that have none, so a caller compiled with ``fastmath`` cannot reassociate the
+rounding trick away.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_FLAGS = ("contract",)
+
+_FLOAT32 = dict(
+    hi=89.0, lo=-104.0,                       # ln(FLT_MAX) = 88.72, ln(2**-150) = -103.97
+    log2e=1.44269504088896341, magic=12582912.0,   # 1.5 * 2**23: adding it rounds to an integer
+    ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,     # Cephes split: n * ln2_hi exact for |n| <= 2**15
+    poly=(1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+          4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1),
+    int_type=ir.IntType(32), mantissa_bits=23, bias=127, magic_bits=0x4B400000)
+_FLOAT64 = dict(
+    hi=710.0, lo=-746.0,                      # ln(DBL_MAX) = 709.78, ln(2**-1075) = -745.13
+    log2e=1.4426950408889634, magic=6755399441055744.0,  # 1.5 * 2**52
+    ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10,  # fdlibm split
+    poly=tuple(1.0 / float(np.prod(np.arange(1.0, k + 1))) for k in range(13, 1, -1)),
+    int_type=ir.IntType(64), mantissa_bits=52, bias=1023, magic_bits=0x4338000000000000)
+
+
+def _emit_exp(builder, x, p):
+    fty = x.type
+
+    def const(v):
+        return ir.Constant(fty, v)
+
+    def add(a, b):
+        return builder.fadd(a, b, flags=_FLAGS)
+
+    def sub(a, b):
+        return builder.fsub(a, b, flags=_FLAGS)
+
+    def mul(a, b):
+        return builder.fmul(a, b, flags=_FLAGS)
+
+    # Clamp with ordered compares, which are false for nan: nan passes through.
+    x = builder.select(builder.fcmp_ordered(">", x, const(p["hi"]), flags=_FLAGS), const(p["hi"]), x)
+    x = builder.select(builder.fcmp_ordered("<", x, const(p["lo"]), flags=_FLAGS), const(p["lo"]), x)
+    t = add(mul(x, const(p["log2e"])), const(p["magic"]))   # n = round(x / ln2) sits in t's low bits
+    n_float = sub(t, const(p["magic"]))
+    r = sub(x, mul(n_float, const(p["ln2_hi"])))
+    r = sub(r, mul(n_float, const(p["ln2_lo"])))
+    poly = const(p["poly"][0])
+    for coefficient in p["poly"][1:]:
+        poly = add(mul(poly, r), const(coefficient))
+    y = add(add(mul(poly, mul(r, r)), r), const(1.0))
+    # 2**n as two factors 2**n1 * 2**n2, so results near overflow and underflow (subnormals)
+    # stay exact in the exponent bits.
+    ity = p["int_type"]
+    n = builder.sub(builder.bitcast(t, ity), ir.Constant(ity, p["magic_bits"]))
+    n1 = builder.ashr(n, ir.Constant(ity, 1))
+    n2 = builder.sub(n, n1)
+
+    def pow2(k):
+        biased = builder.add(k, ir.Constant(ity, p["bias"]))
+        return builder.bitcast(builder.shl(biased, ir.Constant(ity, p["mantissa_bits"])), fty)
+
+    return mul(mul(y, pow2(n1)), pow2(n2))
+
+
+@intrinsic
+def exp(typingctx, x):
+    """``exp(x)`` for a float32 or float64 ``x``, in ``x``'s dtype."""
+    params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
+    if params is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _emit_exp(builder, args[0], params)
+    return x(x), codegen
+
+
+@intrinsic
+def max_ignoring_nan(typingctx, m, v):
+    """``llvm.maxnum(m, v)`` in ``v``'s type: a nan operand yields the other one.
+
+    Unlike ``max(m, v)`` or ``v if v > m else m``, a reduction loop over it vectorises
+    (``llvm.vector.reduce.fmax``) without fast-math flags.
+    """
+    if not (isinstance(m, types.Float) and isinstance(v, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(v)
+        m_value = context.cast(builder, args[0], m, v)
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [fty], fnty=ir.FunctionType(fty, [fty, fty]))
+        return builder.call(fn, [m_value, args[1]])
+    return v(m, v), codegen
