@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Below this many elements a serial kernel beats starting the thread team (measured with
-# `python -m fastlsm.cli tune`-style sweeps; see the README's performance notes).
-PARALLEL_MIN_ELEMENTS = 32768
+# A row costs about as much as ROW_OVERHEAD extra elements (its log, its block bookkeeping and
+# the scalar tail of each vector loop).  Below PARALLEL_MIN_WORK such units a serial kernel beats
+# starting the thread team: measured crossover ~8-11k units for 10, 100 and 1000 classes.
+ROW_OVERHEAD = 100
+PARALLEL_MIN_WORK = 10_000
 
 _FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
 
@@ -31,7 +33,7 @@ def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
         if dtype.itemsize > 8:
             raise TypeError(f"{name} has dtype {dtype}, which fastlsm does not support; "
                             "cast it to float64 first")
-        return dtype
+        return dtype.newbyteorder("=")
     raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
 
 
@@ -111,7 +113,7 @@ def moved(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     if a.ndim == 0:
         return a.reshape(1)
     k = len(axes)
-    if axes[0] == a.ndim - k and axes[-1] == a.ndim - 1:  # sorted and distinct: already trailing
+    if not axes or axes[0] == a.ndim - k and axes[-1] == a.ndim - 1:  # sorted and distinct: already trailing
         return a
     return np.moveaxis(a, axes, tuple(range(a.ndim - k, a.ndim)))
 
@@ -146,11 +148,12 @@ def elementwise_target(rows: Rows, out: np.ndarray | None) -> tuple[np.ndarray, 
     return result, np.empty(rows.matrix.shape, rows.compute_dtype), True
 
 
-def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray, scratch: bool):
+def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray, scratch: bool,
+                       out: np.ndarray | None):
     if scratch:
         dst = moved(result, rows.axes)
         dst[...] = target.reshape(dst.shape)
-    return result[()] if rows.array.ndim == 0 else result
+    return result[()] if out is None and rows.array.ndim == 0 else result
 
 
 # --- kernel choice -------------------------------------------------------------------------
@@ -205,10 +208,10 @@ def kernel(name: str):
 
 
 def run(kernel_name: str, *arrays: np.ndarray) -> None:
-    """Run a row kernel on ``(rows, classes)`` arrays; the first array's size picks the variant."""
+    """Run a row kernel on ``(rows, classes)`` arrays; the first array's shape picks the variant."""
     row_kernel = kernel(kernel_name)
-    first = arrays[0]
-    if first.size < PARALLEL_MIN_ELEMENTS or first.shape[0] < 2 or _get_num_threads() == 1:
+    rows, classes = arrays[0].shape
+    if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or _get_num_threads() == 1:
         row_kernel.serial(*arrays)
     elif _layer_is_threadsafe():
         row_kernel.parallel(*arrays)

@@ -19,7 +19,7 @@ def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
     result, target, scratch = d.elementwise_target(rows, out)
     if target.size:
         d.run(kernel, rows.matrix, target)
-    return d.finish_elementwise(rows, result, target, scratch)
+    return d.finish_elementwise(rows, result, target, scratch, out)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -129,7 +129,7 @@ def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis
     result, target, scratch = d.elementwise_target(g_rows, None)
     if target.size:
         d.run(kernel, g_rows.matrix, y_rows.matrix, target)
-    return d.finish_elementwise(g_rows, result, target, scratch)
+    return d.finish_elementwise(g_rows, result, target, scratch, None)
 
 
 def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:

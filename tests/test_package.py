@@ -1,0 +1,53 @@
+"""The package as a user meets it: import cost, the CLI, and the threading-layer fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_import_does_not_load_numba():
+    proc = run_python("""
+        import sys, fastlsm
+        print("numba" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_cli_info_reports_versions_threads_and_cache():
+    proc = subprocess.run([sys.executable, "-m", "fastlsm.cli", "info"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    facts = dict(line.split(None, 1) if not line.startswith(("threading layer", "numba cache",
+                                                              "cuda usable"))
+                 else line.rsplit("  ", 1) for line in proc.stdout.splitlines())
+    facts = {k.strip(): v.strip() for k, v in facts.items()}
+    for name in ("fastlsm", "numpy", "numba", "llvmlite", "threads", "threading layer",
+                 "numba cache", "cuda usable"):
+        assert facts.get(name), (name, proc.stdout)
+    assert int(facts["threads"]) >= 1
+    assert facts["threading layer"] in {"omp", "tbb", "workqueue"}
+
+
+def test_workqueue_layer_serialises_concurrent_calls_instead_of_aborting():
+    # workqueue aborts the process when two threads enter parallel code at once; the dispatcher
+    # must keep that from happening, and every result must still be right.
+    proc = run_python("""
+        from concurrent.futures import ThreadPoolExecutor
+        import numpy as np, fastlsm
+        from fastlsm import _dispatch
+        x = np.random.default_rng(0).standard_normal((512, 1000)).astype(np.float32)
+        expected = fastlsm.log_softmax(x)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: fastlsm.log_softmax(x), range(64)))
+        assert all(np.array_equal(r, expected) for r in results)
+        print(_dispatch.threading_layer())
+    """, NUMBA_THREADING_LAYER="workqueue")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "workqueue"
