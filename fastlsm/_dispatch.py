@@ -18,9 +18,9 @@ import numpy as np
 
 # A row costs about as much as ROW_OVERHEAD extra elements (its log, its block bookkeeping and
 # the scalar tail of each vector loop).  Below PARALLEL_MIN_WORK such units a serial kernel beats
-# starting the thread team: measured crossover ~8-11k units for 10, 100 and 1000 classes.
+# starting the thread team: measured crossover ~10-16k units for 10, 100 and 1000 classes.
 ROW_OVERHEAD = 100
-PARALLEL_MIN_WORK = 10_000
+PARALLEL_MIN_WORK = 12_000
 
 _FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
 
