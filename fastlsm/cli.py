@@ -31,7 +31,7 @@ def info() -> dict[str, str]:
     import numba
 
     from fastlsm import _dispatch
-    kernel = _dispatch.kernel("log_softmax_rows").parallel
+    cache = getattr(_dispatch.kernel("log_softmax_rows").parallel, "_cache", None)
     return {
         "fastlsm": _version("fastlsm"),
         "python": platform.python_version(),
@@ -40,7 +40,7 @@ def info() -> dict[str, str]:
         "llvmlite": _version("llvmlite"),
         "threads": str(numba.get_num_threads()),
         "threading layer": _dispatch.threading_layer(),
-        "numba cache": kernel._cache._cache_path,
+        "numba cache": getattr(cache, "_cache_path", "unknown (this Numba hides it)"),
         "cuda usable": _cuda_status(),
     }
 
