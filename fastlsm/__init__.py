@@ -3,6 +3,7 @@
 Importing fastlsm is cheap: Numba and the kernels load on the first call.
 """
 
+from fastlsm._loss import cross_entropy, nll_loss
 from fastlsm._softmax import (
     log_softmax,
     log_softmax_backward,
@@ -14,6 +15,8 @@ from fastlsm._softmax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_entropy",
+    "nll_loss",
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",

@@ -170,8 +170,9 @@ def _kernels():
         # Python threads enter parallel code at once.  Ask for a thread-safe layer when one loads.
         if _loadable("numba.np.ufunc.tbbpool") or _loadable("numba.np.ufunc.omppool"):
             numba.config.THREADING_LAYER = "threadsafe"
-    from fastlsm.cpu import kernels
-    return kernels
+    from fastlsm.cpu import kernels, loss
+    return {name: obj for module in (kernels, loss) for name, obj in vars(module).items()
+            if isinstance(obj, kernels.RowKernel)}
 
 
 def _get_num_threads() -> int:
@@ -204,22 +205,22 @@ def _layer_is_threadsafe() -> bool:
 
 def kernel(name: str):
     """The :class:`~fastlsm.cpu.kernels.RowKernel` called ``name``."""
-    return getattr(_kernels(), name)
+    return _kernels()[name]
 
 
-def run(kernel_name: str, *arrays: np.ndarray) -> None:
-    """Run a row kernel on ``(rows, classes)`` arrays; the first array's shape picks the variant."""
+def run(kernel_name: str, *args) -> None:
+    """Run a row kernel; its first argument, a ``(rows, classes)`` array, picks the variant."""
     row_kernel = kernel(kernel_name)
-    rows, classes = arrays[0].shape
+    rows, classes = args[0].shape
     if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or _get_num_threads() == 1:
-        row_kernel.serial(*arrays)
+        row_kernel.serial(*args)
     elif _layer_is_threadsafe():
-        row_kernel.parallel(*arrays)
+        row_kernel.parallel(*args)
     elif _parallel_lock.acquire(blocking=False):
         # workqueue: only one thread at a time may be inside parallel code; the others run serial.
         try:
-            row_kernel.parallel(*arrays)
+            row_kernel.parallel(*args)
         finally:
             _parallel_lock.release()
     else:
-        row_kernel.serial(*arrays)
+        row_kernel.serial(*args)

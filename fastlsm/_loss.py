@@ -1,0 +1,259 @@
+"""cross_entropy and nll_loss with PyTorch's semantics (the public API)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastlsm import _dispatch as d
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(slots=True)
+class _Logits:
+    """Validated logits seen as ``(rows, classes)``, with their class weights."""
+    rows: d.Rows
+    class_axis: int
+    row_shape: tuple[int, ...]  # the input's shape without the class axis: one loss per element
+    weight: np.ndarray          # (classes,), compute dtype
+
+    @property
+    def n_classes(self) -> int:
+        return self.rows.matrix.shape[1]
+
+
+def _class_axis(array: np.ndarray, axis) -> int:
+    if array.ndim == 0:
+        raise ValueError("input must have at least 1 dimension (the classes), got a 0-d array")
+    if array.ndim == 1 and axis == 1:
+        return 0  # PyTorch: a 1-D input is a single row of classes
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    return d.normalize_axes(index, array.ndim)[0]
+
+
+def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> tuple[float, float]:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    z_loss = float(z_loss)
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
+    return label_smoothing, z_loss
+
+
+def _weight(weight, n_classes: int, dtype: np.dtype) -> np.ndarray:
+    if weight is None:
+        return np.ones(n_classes, dtype)
+    w = d.as_real_array(weight, "weight")
+    if w.shape != (n_classes,):
+        raise ValueError(f"weight should be a 1-D array of {n_classes} elements (one per class), "
+                         f"got shape {w.shape}")
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
+def _check_target_shape(logits: _Logits, target: np.ndarray) -> None:
+    array, class_axis, expected = logits.rows.array, logits.class_axis, logits.row_shape
+    if target.shape == expected:
+        return
+    if array.ndim == 1:
+        raise ValueError(f"a 1-D input (one row of classes) needs a 0-d target, got shape "
+                         f"{target.shape}")
+    batch = 1 if class_axis == 0 else 0
+    if target.ndim >= 1 and target.shape[0] != array.shape[batch]:
+        raise ValueError(f"Expected input batch_size ({array.shape[batch]}) to match target "
+                         f"batch_size ({target.shape[0]}).")
+    raise ValueError(f"target has shape {target.shape}, but input of shape {array.shape} with "
+                     f"classes on axis {class_axis} needs a target of shape {expected}")
+
+
+def _class_indices(target: np.ndarray, logits: _Logits,
+                   ignore_index: int) -> tuple[np.ndarray, float]:
+    """Flat int64 targets, checked against the class count, and the sum of their weights."""
+    n_classes = logits.n_classes
+    if target.dtype.kind not in "iu":
+        hint = (" (a float target of the input's shape holds class probabilities)"
+                if target.dtype.kind == "f" else "")
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}{hint}")
+    flat = target.reshape(-1).astype(np.int64, copy=False)
+    kept = flat != ignore_index
+    bad = kept & ((flat < 0) | (flat >= n_classes))
+    if bad.any():
+        first = int(np.argmax(bad))
+        position = np.unravel_index(first, target.shape) if target.ndim else ()
+        raise IndexError(f"Target {flat[first]} is out of bounds. (target{list(position)} with "
+                         f"{n_classes} classes)")
+    denominator = float(logits.weight[flat[kept]].sum(dtype=np.float64))
+    return np.ascontiguousarray(flat), denominator
+
+
+def _logits(input, weight, axis) -> _Logits:
+    array = d.as_real_array(input, "input")
+    class_axis = _class_axis(array, axis)
+    rows = d.to_rows(array, (class_axis,), "input")
+    row_shape = array.shape[:class_axis] + array.shape[class_axis + 1:]
+    return _Logits(rows, class_axis, row_shape,
+                   _weight(weight, array.shape[class_axis], rows.compute_dtype))
+
+
+def _finish(logits: _Logits, reduction: str, denominator: float, loss: np.ndarray,
+            grad: tuple | None, grad_out, lse: np.ndarray | None):
+    """Reduce the per-row losses and gather what the caller asked for, in the result dtype."""
+    dtype = logits.rows.result_dtype
+    if reduction == "none":
+        value: Any = loss.reshape(logits.row_shape).astype(dtype)
+        if value.ndim == 0:
+            value = value[()]
+    else:
+        total = np.sum(loss)
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = np.float64(total) / denominator
+        value = dtype.type(total)
+    results = [value]
+    if grad is not None:
+        results.append(d.finish_elementwise(logits.rows, *grad, grad_out))
+    if lse is not None:
+        lse_value = lse.reshape(logits.row_shape).astype(dtype)
+        results.append(lse_value[()] if lse_value.ndim == 0 else lse_value)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _grad_arrays(logits: _Logits, want_grad: bool, grad_out) -> tuple[tuple | None, np.ndarray]:
+    """``(grad, target)``: the ``(result, target, scratch)`` triple of
+    :func:`~fastlsm._dispatch.elementwise_target`, or None and a ``(0, 0)`` target for no gradient."""
+    if not want_grad:
+        return None, np.empty((0, 0), logits.rows.compute_dtype)
+    grad = d.elementwise_target(logits.rows, grad_out)
+    return grad, grad[1]
+
+
+def _scale(reduction: str, denominator: float) -> float:
+    if reduction != "mean":
+        return 1.0
+    return math.inf if denominator == 0.0 else 1.0 / denominator
+
+
+def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, axis: int = 1, return_grad: bool = False,
+                  grad_out: np.ndarray | None = None, z_loss: float = 0.0,
+                  return_lse: bool = False) -> Any:
+    """Cross-entropy between logits and class indices or class probabilities, fused.
+
+    ``log_softmax`` is never materialised: each row of logits is read once for its loss and, with
+    ``return_grad``, once more to write the gradient.
+
+    Parameters
+    ----------
+    input : array_like
+        Logits of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes on ``axis``).
+        float32/float64 computed in their own dtype, float16 in float32; integers become float64.
+    target : array_like
+        Class indices of any integer dtype, shaped like ``input`` without the class axis (0-d for
+        a 1-D input); or class probabilities, a float array of ``input``'s shape.
+    weight : array_like, optional
+        Per-class weights, ``C`` of them.
+    ignore_index : int, optional
+        Class-index targets equal to it add nothing to the loss, the gradient or the ``mean``
+        denominator.  Must be negative with probability targets.
+    reduction : {'mean', 'sum', 'none'}, optional
+        ``mean`` divides by the sum of ``weight[target]`` over kept elements (by the number of
+        rows with probability targets); all ignored gives nan.
+    label_smoothing : float, optional
+        In [0, 1]: PyTorch's ``(1 - eps) * nll + eps / C * sum_c(-w_c * logp_c)``.
+    axis : int, optional
+        The class axis (PyTorch's dim 1 by default; the only axis of a 1-D input).  ``axis=-1``
+        takes ``(B, T, V)`` logits without a copy.
+    return_grad : bool, optional
+        Also return ``d loss / d input`` for the chosen reduction (``none``: of the sum).
+    grad_out : ndarray, optional
+        Where to write the gradient (input's shape and result dtype); may be ``input`` itself.
+        Implies ``return_grad``.
+    z_loss : float, optional
+        Adds ``z_loss * lse**2`` to each kept row (PaLM's auxiliary loss).
+    return_lse : bool, optional
+        Also return each row's log-sum-exp (every row, ignored ones included).
+
+    Returns
+    -------
+    loss : scalar or ndarray
+        A NumPy scalar of the result dtype for ``mean``/``sum``; per-element losses for ``none``.
+    grad : ndarray
+        With ``return_grad`` or ``grad_out``.
+    lse : ndarray
+        With ``return_lse``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlsm
+    >>> logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.0, 1.5]])
+    >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
+    0.5106
+    """
+    label_smoothing, z_loss = _check_options(reduction, label_smoothing, z_loss)
+    logits = _logits(input, weight, axis)
+    target = np.asarray(target)
+    want_grad = return_grad or grad_out is not None
+    matrix = logits.rows.matrix
+    loss = np.empty(matrix.shape[0])
+    lse = np.empty(matrix.shape[0])
+    if target.shape == logits.rows.array.shape:
+        if target.dtype.kind != "f":
+            raise TypeError("Expected floating point type for target with class probabilities, "
+                            f"got {target.dtype}")
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported for floating point target")
+        probs = d.to_rows(target.astype(logits.rows.compute_dtype, copy=False),
+                          (logits.class_axis,), "target").matrix
+        denominator = float(matrix.shape[0])
+        grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
+        d.run("cross_entropy_probs_rows", matrix, probs, logits.weight, label_smoothing, z_loss,
+              _scale(reduction, denominator), loss, lse, grad_target)
+    else:
+        _check_target_shape(logits, target)
+        flat, denominator = _class_indices(target, logits, int(ignore_index))
+        grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
+        d.run("cross_entropy_rows", matrix, flat, logits.weight,
+              float(logits.weight.sum(dtype=np.float64)), int(ignore_index), label_smoothing,
+              z_loss, _scale(reduction, denominator), loss, lse, grad_target)
+    return _finish(logits, reduction, denominator, loss, grad, grad_out,
+                   lse if return_lse else None)
+
+
+def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None,
+             ignore_index: int = -100, reduction: str = "mean", *, axis: int = 1,
+             return_grad: bool = False, grad_out: np.ndarray | None = None) -> Any:
+    """Negative log-likelihood of class indices, from log-probabilities (PyTorch's ``nll_loss``).
+
+    ``loss_n = -weight[t_n] * input[n, t_n]``; parameters, shapes and reductions as in
+    :func:`cross_entropy` (class-index targets only, no smoothing).  With ``return_grad`` (or
+    ``grad_out``) returns ``(loss, grad)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlsm
+    >>> logp = np.log(np.array([[0.5, 0.5], [0.25, 0.75]]))
+    >>> round(float(fastlsm.nll_loss(logp, np.array([0, 1]))), 4)
+    0.4904
+    """
+    _check_options(reduction, 0.0, 0.0)
+    logits = _logits(input, weight, axis)
+    target = np.asarray(target)
+    _check_target_shape(logits, target)
+    flat, denominator = _class_indices(target, logits, int(ignore_index))
+    grad, grad_target = _grad_arrays(logits, return_grad or grad_out is not None, grad_out)
+    loss = np.empty(flat.shape[0])
+    d.run("nll_loss_rows", logits.rows.matrix, flat, logits.weight, int(ignore_index),
+          _scale(reduction, denominator), loss, grad_target)
+    return _finish(logits, reduction, denominator, loss, grad, grad_out, None)

@@ -1,0 +1,143 @@
+"""Fused cross-entropy and NLL kernels: the loss, log-sum-exp and gradient of each row in one sweep.
+
+Each row is read once for its (max, sum of exps), as in :mod:`fastlsm.cpu.kernels`; the gradient
+pass reads it a second time (from cache for rows up to ~1 MiB) and writes the gradient in place of
+``log_softmax``, which is never materialised.  Per-row losses are float64; the dispatcher reduces
+them.  ``grad`` is a ``(0, 0)`` array when the caller wants no gradient.
+
+Formulas (PyTorch's, with ``p = softmax(x_i)``, ``W = sum(weight)``, ``eps`` the label smoothing,
+``z`` the z-loss coefficient, ``scale`` 1 or the inverse of the ``mean`` denominator):
+
+- class index ``t``: ``loss = (1 - eps) * -w_t * logp_t + eps / C * -sum_c w_c * logp_c + z * lse**2``,
+  ``grad_j = scale * (p_j * ((1 - eps) * w_t + eps / C * W + 2 * z * lse) - eps / C * w_j
+  - (1 - eps) * w_t * [j == t])``;
+- probabilities ``y`` (already smoothed by the caller's ``eps``): ``loss = -sum_c w_c * y_c * logp_c
+  + z * lse**2``, ``grad_j = scale * (p_j * (sum_c w_c * y_c + 2 * z * lse) - w_j * y_j)``.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from fastlsm.cpu._simd import exp
+from fastlsm.cpu.kernels import row_max_and_sum, rowwise
+
+
+@njit(fastmath={"reassoc"})
+def _row_weighted_sum(x, i, weight, shift):
+    """``sum_c weight[c] * (x[i, c] - shift)`` in float64."""
+    c_shift = x.dtype.type(shift)
+    s = 0.0
+    for j in range(x.shape[1]):
+        s += weight[j] * (x[i, j] - c_shift)
+    return s
+
+
+@njit(fastmath={"reassoc"})
+def _row_smoothed_sums(x, y, i, weight, smoothing, shift):
+    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (x_c - shift))`` with ``y' = y * (1 - eps) + eps / C``."""
+    keep = x.dtype.type(1.0 - smoothing)
+    spread = x.dtype.type(smoothing / x.shape[1])
+    c_shift = x.dtype.type(shift)
+    wy_sum = 0.0
+    wyx_sum = 0.0
+    for j in range(x.shape[1]):
+        wy = weight[j] * (y[i, j] * keep + spread)
+        wy_sum += wy
+        wyx_sum += wy * (x[i, j] - c_shift)
+    return wy_sum, wyx_sum
+
+
+@njit
+def _fill_row(a, i, value):
+    for j in range(a.shape[1]):
+        a[i, j] = value
+
+
+@njit
+def _write_softmax_grad(x, grad, i, shift, s, p_coef, weight, w_coef):
+    """``grad[i, j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(x[i] - shift) / s``."""
+    c_shift = x.dtype.type(shift)
+    a = x.dtype.type(p_coef / s)
+    b = x.dtype.type(w_coef)
+    for j in range(x.shape[1]):
+        grad[i, j] = exp(x[i, j] - c_shift) * a - weight[j] * b
+
+
+@rowwise
+def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
+                       loss, lse, grad):
+    n_classes = x.shape[1]
+    want_grad = grad.shape[0] > 0
+    for i in prange(x.shape[0]):
+        m, s = row_max_and_sum(x, i)
+        log_s = math.log(s)
+        row_lse = (m if math.isfinite(m) else 0.0) + log_s
+        lse[i] = row_lse
+        t = target[i]
+        if t == ignore_index:
+            loss[i] = 0.0
+            if want_grad:
+                _fill_row(grad, i, 0.0)
+            continue
+        if not math.isfinite(m):
+            # PyTorch's log_softmax shifts by a non-finite max too: the whole row is nan.
+            loss[i] = np.nan
+            if want_grad:
+                _fill_row(grad, i, np.nan)
+            continue
+        w_t = weight[t]
+        nll = -w_t * ((x[i, t] - x.dtype.type(m)) - log_s)
+        row_loss = (1.0 - smoothing) * nll
+        if smoothing > 0.0:
+            smooth = total_weight * log_s - _row_weighted_sum(x, i, weight, m)
+            row_loss += smoothing / n_classes * smooth
+        if z_loss > 0.0:
+            row_loss += z_loss * row_lse * row_lse
+        loss[i] = row_loss
+        if want_grad:
+            p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
+                              + 2.0 * z_loss * row_lse)
+            _write_softmax_grad(x, grad, i, m, s, p_coef, weight, scale * smoothing / n_classes)
+            grad[i, t] -= x.dtype.type(scale * (1.0 - smoothing) * w_t)
+
+
+@rowwise
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad):
+    want_grad = grad.shape[0] > 0
+    for i in prange(x.shape[0]):
+        m, s = row_max_and_sum(x, i)
+        log_s = math.log(s)
+        row_lse = (m if math.isfinite(m) else 0.0) + log_s
+        lse[i] = row_lse
+        if not math.isfinite(m):
+            loss[i] = np.nan
+            if want_grad:
+                _fill_row(grad, i, np.nan)
+            continue
+        wy_sum, wyx_sum = _row_smoothed_sums(x, y, i, weight, smoothing, m)
+        loss[i] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
+        if want_grad:
+            p_coef = scale * (wy_sum + 2.0 * z_loss * row_lse)
+            keep = 1.0 - smoothing
+            spread = smoothing / x.shape[1]
+            c_shift = x.dtype.type(m)
+            a = x.dtype.type(p_coef / s)
+            for j in range(x.shape[1]):
+                wy = weight[j] * (y[i, j] * x.dtype.type(keep) + x.dtype.type(spread))
+                grad[i, j] = exp(x[i, j] - c_shift) * a - wy * x.dtype.type(scale)
+
+
+@rowwise
+def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad):
+    want_grad = grad.shape[0] > 0
+    for i in prange(x.shape[0]):
+        t = target[i]
+        ignored = t == ignore_index
+        loss[i] = 0.0 if ignored else -weight[t] * x[i, t]
+        if want_grad:
+            # Written after x[i, t] is read: grad may be x itself.
+            _fill_row(grad, i, 0.0)
+            if not ignored:
+                grad[i, t] = x.dtype.type(-scale * weight[t])
