@@ -109,6 +109,14 @@ def row_max_and_sum(x, i):
     return m, s
 
 
+@njit
+def row_log_sum_exp(x, i):
+    """``(m, s, log(s), lse)`` of row ``i``: :func:`row_max_and_sum` and the log-sum-exp."""
+    m, s = row_max_and_sum(x, i)
+    log_s = math.log(s)
+    return m, s, log_s, _finite_or_zero(m) + log_s
+
+
 @njit(fastmath={"reassoc"})
 def row_sum(x, i):
     s = 0.0
@@ -153,8 +161,7 @@ def softmax_rows(x, out):
 @rowwise
 def logsumexp_rows(x, out):
     for i in prange(x.shape[0]):
-        m, s = row_max_and_sum(x, i)
-        out[i] = _finite_or_zero(m) + math.log(s)
+        out[i] = row_log_sum_exp(x, i)[3]
 
 
 @rowwise

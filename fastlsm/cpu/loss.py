@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastlsm.cpu._simd import exp
-from fastlsm.cpu.kernels import row_max_and_sum, rowwise
+from fastlsm.cpu.kernels import row_log_sum_exp, rowwise
 
 
 @njit(fastmath={"reassoc"})
@@ -56,6 +56,14 @@ def _fill_row(a, i, value):
 
 
 @njit
+def _nan_row(loss, grad, i):
+    # PyTorch's log_softmax shifts by a non-finite max too: a +inf or all -inf row is all nan.
+    loss[i] = np.nan
+    if grad.shape[0] > 0:
+        _fill_row(grad, i, np.nan)
+
+
+@njit
 def _write_softmax_grad(x, grad, i, shift, s, p_coef, weight, w_coef):
     """``grad[i, j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(x[i] - shift) / s``."""
     c_shift = x.dtype.type(shift)
@@ -71,9 +79,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     n_classes = x.shape[1]
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
-        m, s = row_max_and_sum(x, i)
-        log_s = math.log(s)
-        row_lse = (m if math.isfinite(m) else 0.0) + log_s
+        m, s, log_s, row_lse = row_log_sum_exp(x, i)
         lse[i] = row_lse
         t = target[i]
         if t == ignore_index:
@@ -82,10 +88,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
                 _fill_row(grad, i, 0.0)
             continue
         if not math.isfinite(m):
-            # PyTorch's log_softmax shifts by a non-finite max too: the whole row is nan.
-            loss[i] = np.nan
-            if want_grad:
-                _fill_row(grad, i, np.nan)
+            _nan_row(loss, grad, i)
             continue
         w_t = weight[t]
         nll = -w_t * ((x[i, t] - x.dtype.type(m)) - log_s)
@@ -107,14 +110,10 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
 def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad):
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
-        m, s = row_max_and_sum(x, i)
-        log_s = math.log(s)
-        row_lse = (m if math.isfinite(m) else 0.0) + log_s
+        m, s, log_s, row_lse = row_log_sum_exp(x, i)
         lse[i] = row_lse
         if not math.isfinite(m):
-            loss[i] = np.nan
-            if want_grad:
-                _fill_row(grad, i, np.nan)
+            _nan_row(loss, grad, i)
             continue
         wy_sum, wyx_sum = _row_smoothed_sums(x, y, i, weight, smoothing, m)
         loss[i] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
