@@ -76,15 +76,15 @@ def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     return tuple(sorted(axes))
 
 
-def check_out(out, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> None:
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+        raise ValueError(f"{name} has shape {out.shape}, expected {shape}")
     if out.dtype != dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
+        raise ValueError(f"{name} has dtype {out.dtype}, expected {dtype}")
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise ValueError(f"{name} is read-only")
 
 
 def as_matrix(a: np.ndarray, n_class_axes: int) -> np.ndarray:
@@ -127,7 +127,8 @@ def to_rows(array: np.ndarray, axes: tuple[int, ...], name: str) -> Rows:
     return Rows(array, axes, rdtype, cdtype, as_matrix(m, len(axes)))
 
 
-def elementwise_target(rows: Rows, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+def elementwise_target(rows: Rows, out: np.ndarray | None,
+                       out_name: str = "out") -> tuple[np.ndarray, np.ndarray, bool]:
     """``(result, target, scratch)``: the array to return and the ``(rows, classes)`` one to write.
 
     The kernel writes straight into the result when it can.  Otherwise (a dtype to cast to, a
@@ -138,7 +139,7 @@ def elementwise_target(rows: Rows, out: np.ndarray | None) -> tuple[np.ndarray, 
     if out is None:
         result = np.empty_like(array, dtype=rows.result_dtype)  # keeps the input's layout
     else:
-        check_out(out, array.shape, rows.result_dtype)
+        check_out(out, array.shape, rows.result_dtype, out_name)
         result = out
     if result.dtype == rows.compute_dtype and (
             out is None or _same_memory(out, array) or not np.may_share_memory(out, rows.matrix)):

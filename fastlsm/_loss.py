@@ -40,7 +40,12 @@ def _class_axis(array: np.ndarray, axis) -> int:
     return d.normalize_axes(index, array.ndim)[0]
 
 
-def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> tuple[float, float]:
+def _check_options(ignore_index: int, reduction: str, label_smoothing: float,
+                   z_loss: float) -> tuple[int, float, float]:
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     label_smoothing = float(label_smoothing)
@@ -49,7 +54,7 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> tup
     z_loss = float(z_loss)
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
-    return label_smoothing, z_loss
+    return ignore_index, label_smoothing, z_loss
 
 
 def _weight(weight, n_classes: int, dtype: np.dtype) -> np.ndarray:
@@ -90,8 +95,8 @@ def _class_indices(target: np.ndarray, logits: _Logits,
     bad = kept & ((flat < 0) | (flat >= n_classes))
     if bad.any():
         first = int(np.argmax(bad))
-        position = np.unravel_index(first, target.shape) if target.ndim else ()
-        raise IndexError(f"Target {flat[first]} is out of bounds. (target{list(position)} with "
+        position = [int(k) for k in np.unravel_index(first, target.shape)] if target.ndim else []
+        raise IndexError(f"Target {flat[first]} is out of bounds. (target{position} with "
                          f"{n_classes} classes)")
     denominator = float(logits.weight[flat[kept]].sum(dtype=np.float64))
     return np.ascontiguousarray(flat), denominator
@@ -134,7 +139,7 @@ def _grad_arrays(logits: _Logits, want_grad: bool, grad_out) -> tuple[tuple | No
     :func:`~fastlsm._dispatch.elementwise_target`, or None and a ``(0, 0)`` target for no gradient."""
     if not want_grad:
         return None, np.empty((0, 0), logits.rows.compute_dtype)
-    grad = d.elementwise_target(logits.rows, grad_out)
+    grad = d.elementwise_target(logits.rows, grad_out, "grad_out")
     return grad, grad[1]
 
 
@@ -201,7 +206,8 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
     0.5106
     """
-    label_smoothing, z_loss = _check_options(reduction, label_smoothing, z_loss)
+    ignore_index, label_smoothing, z_loss = _check_options(ignore_index, reduction,
+                                                           label_smoothing, z_loss)
     logits = _logits(input, weight, axis)
     target = np.asarray(target)
     want_grad = return_grad or grad_out is not None
@@ -222,10 +228,10 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
               _scale(reduction, denominator), loss, lse, grad_target)
     else:
         _check_target_shape(logits, target)
-        flat, denominator = _class_indices(target, logits, int(ignore_index))
+        flat, denominator = _class_indices(target, logits, ignore_index)
         grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
         d.run("cross_entropy_rows", matrix, flat, logits.weight,
-              float(logits.weight.sum(dtype=np.float64)), int(ignore_index), label_smoothing,
+              float(logits.weight.sum(dtype=np.float64)), ignore_index, label_smoothing,
               z_loss, _scale(reduction, denominator), loss, lse, grad_target)
     return _finish(logits, reduction, denominator, loss, grad, grad_out,
                    lse if return_lse else None)
@@ -247,13 +253,13 @@ def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = Non
     >>> round(float(fastlsm.nll_loss(logp, np.array([0, 1]))), 4)
     0.4904
     """
-    _check_options(reduction, 0.0, 0.0)
+    ignore_index = _check_options(ignore_index, reduction, 0.0, 0.0)[0]
     logits = _logits(input, weight, axis)
     target = np.asarray(target)
     _check_target_shape(logits, target)
-    flat, denominator = _class_indices(target, logits, int(ignore_index))
+    flat, denominator = _class_indices(target, logits, ignore_index)
     grad, grad_target = _grad_arrays(logits, return_grad or grad_out is not None, grad_out)
     loss = np.empty(flat.shape[0])
-    d.run("nll_loss_rows", logits.rows.matrix, flat, logits.weight, int(ignore_index),
+    d.run("nll_loss_rows", logits.rows.matrix, flat, logits.weight, ignore_index,
           _scale(reduction, denominator), loss, grad_target)
     return _finish(logits, reduction, denominator, loss, grad, grad_out, None)
