@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastlsm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions, threads, threading layer, cache and CUDA status")
+    from fastlsm import bench
+    bench.add_arguments(commands.add_parser(
+        "bench", help="time fastlsm beside NumPy, SciPy, PyTorch and the memory floors",
+        description=bench.__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.run_args(args)
     if args.command == "info":
         facts = info()
         width = max(map(len, facts))
