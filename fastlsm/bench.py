@@ -35,6 +35,7 @@ SCALE = 3.0                  # inputs are standard normal * SCALE
 ERROR_ELEMENTS = 1 << 21     # the error check and the peers' warm-up run on <= this many elements
 MIN_SAMPLE_S = 2e-4          # tiny calls are timed in loops of at least this long
 MAX_SAMPLES = 200
+MIN_SAMPLES = 5              # fastlsm and the floors: a median of one run is noise on this VM
 
 # -------------------------------------------------------------------------------------------------
 # Inputs
@@ -268,12 +269,13 @@ def _timed(call: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def measure(call: Callable[[], Any], budget_s: float, repeat: int | None = None) -> Timing:
+def measure(call: Callable[[], Any], budget_s: float, repeat: int | None = None,
+            min_samples: int = 1) -> Timing:
     """Median per-call time of an already warmed-up ``call``.
 
     One probe call sets the pace: calls shorter than ``MIN_SAMPLE_S`` are timed in loops; the
-    number of samples fills ``budget_s`` (at least 1, at most ``MAX_SAMPLES``) unless ``repeat``
-    fixes it.  The probe counts as a sample when calls are not looped.
+    number of samples fills ``budget_s`` (at least ``min_samples``, at most ``MAX_SAMPLES``)
+    unless ``repeat`` fixes it.  The probe counts as a sample when calls are not looped.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -283,7 +285,7 @@ def measure(call: Callable[[], Any], budget_s: float, repeat: int | None = None)
         if repeat is not None:
             wanted = max(1, repeat)
         else:
-            wanted = int(min(MAX_SAMPLES, max(1, budget_s // (probe * loop))))
+            wanted = int(min(MAX_SAMPLES, max(min_samples, budget_s // (probe * loop))))
         samples = [probe] if loop == 1 else []
         while len(samples) < wanted:
             samples.append(_timed(call, loop))
@@ -386,7 +388,8 @@ def bench_case(op: Op, inputs: Inputs, peers: dict[str, str | None], config: Con
             config.progress(f"{op.name} {shape_str(shape)} {dtype.name} {contender.name}: {reason}")
             continue
         start = time.perf_counter()
-        timing = measure(lambda: contender.call(inputs), config.budget_s, config.repeat)
+        timing = measure(lambda: contender.call(inputs), config.budget_s, config.repeat,
+                         min_samples=1 if contender.kind == "peer" else MIN_SAMPLES)
         if contender.kind == "peer":
             peers_spent += time.perf_counter() - start
         records.append(Record(op.name, list(shape), dtype.name, contender.name, contender.kind,
