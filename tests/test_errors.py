@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-from fastlsm import _dispatch
+from checks import assert_not_numba, no_kernel  # noqa: F401  (no_kernel: autouse fixture)
 
 AxisError = np.exceptions.AxisError
 
@@ -25,20 +25,6 @@ BACKWARD_AS_UNARY = {  # the bad value as grad_output, a good output of the same
         x, np.zeros(np.shape(x)), **kw),
 }
 ALL = {**FORWARD, **BACKWARD_AS_UNARY}
-
-
-@pytest.fixture(autouse=True)
-def no_kernel(monkeypatch):
-    """Every call in this module must fail before a kernel is started."""
-    def forbidden(name, *arrays):
-        raise AssertionError(f"kernel {name} ran although the arguments are invalid")
-    monkeypatch.setattr(_dispatch, "run", forbidden)
-
-
-def assert_not_numba(excinfo):
-    mod = type(excinfo.value).__module__
-    assert not mod.startswith("numba"), f"a Numba error leaked: {excinfo.value!r}"
-    assert "numba" not in str(excinfo.value).lower(), f"a Numba message leaked: {excinfo.value}"
 
 
 # --- dtypes ------------------------------------------------------------------------------------

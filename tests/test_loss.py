@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 import fastlsm
+from checks import assert_nonfinite_match
 import loss_reference as ref
 
 try:
@@ -198,29 +199,13 @@ def error_scales(case, reduction, label_smoothing=0.0, z_loss=0.0, nll=False):
                   ref.from_rows(grad, moved_shape, x.ndim, axis), lse_scale.reshape(moved_shape[:-1]))
 
 
-def _assert_nonfinite_match(res, expected, what):
-    assert res.shape == expected.shape, f"{what}: shape {res.shape} != {expected.shape}"
-    nan_res, nan_exp = np.isnan(res), np.isnan(expected)
-    assert np.array_equal(nan_res, nan_exp), (
-        f"{what}: nan positions differ; result nan at {np.argwhere(nan_res)[:10].tolist()}, "
-        f"expected nan at {np.argwhere(nan_exp)[:10].tolist()}")
-    inf = np.isinf(expected)
-    assert np.array_equal(res[inf], expected[inf]), (
-        f"{what}: infinities differ: got {res[inf][:10]}, expected {expected[inf][:10]}")
-    finite = np.isfinite(expected)
-    bad = ~np.isfinite(res[finite])
-    assert not bad.any(), (f"{what}: non-finite result where the expected value is finite, at "
-                           f"{np.argwhere(finite)[bad][:10].tolist()}")
-    return finite
-
-
 def check_close(res, expected, magnitude, dtype, what):
     """``res`` against the float64 ``expected`` with the module docstring's bound."""
     dtype = np.dtype(dtype)
     res = np.asarray(res, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     magnitude = np.broadcast_to(np.asarray(magnitude, dtype=np.float64), expected.shape)
-    finite = _assert_nonfinite_match(res, expected, what)
+    finite = assert_nonfinite_match(res, expected, what)
     err = np.abs(res[finite] - expected[finite])
     bound = (TOL[dtype] * magnitude[finite] + OUT_EPS[dtype] * np.abs(expected[finite])
              + ATOL[dtype])

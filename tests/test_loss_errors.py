@@ -10,22 +10,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-from fastlsm import _dispatch
-
-
-@pytest.fixture(autouse=True)
-def no_kernel(monkeypatch):
-    """Every call in this module must fail before a kernel is started."""
-    def forbidden(name, *args):
-        raise AssertionError(f"kernel {name} ran although the arguments are invalid")
-    monkeypatch.setattr(_dispatch, "run", forbidden)
-
-
-def assert_not_numba(excinfo):
-    mod = type(excinfo.value).__module__
-    assert not mod.startswith("numba"), f"a Numba error leaked: {excinfo.value!r}"
-    assert "numba" not in str(excinfo.value).lower(), f"a Numba message leaked: {excinfo.value}"
-    assert not isinstance(excinfo.value, AssertionError), "a kernel ran"
+from checks import assert_not_numba, no_kernel  # noqa: F401  (no_kernel: autouse fixture)
 
 
 def raises(exc, pattern, func, x, *args, **kwargs):

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import fastlsm
+from checks import assert_nonfinite_match
 import reference as ref
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
@@ -39,21 +40,6 @@ BACK_TOL = {F64: 1e-12, F32: 4 * np.finfo(np.float32).eps, F16: 2e-3}
 
 
 # --- comparison helpers ----------------------------------------------------------------------
-
-def _assert_nonfinite_match(res, expected, what):
-    assert res.shape == expected.shape, f"{what}: shape {res.shape} != {expected.shape}"
-    nan_res, nan_exp = np.isnan(res), np.isnan(expected)
-    assert np.array_equal(nan_res, nan_exp), (
-        f"{what}: nan positions differ; result nan at {np.argwhere(nan_res)[:10].tolist()}, "
-        f"expected nan at {np.argwhere(nan_exp)[:10].tolist()}")
-    inf = np.isinf(expected)
-    assert np.array_equal(res[inf], expected[inf]), f"{what}: infinities differ"
-    finite = np.isfinite(expected)
-    bad = ~np.isfinite(res[finite])
-    assert not bad.any(), (f"{what}: non-finite result where the reference is finite, at "
-                           f"{np.argwhere(finite)[bad][:10].tolist()}")
-    return finite
-
 
 def _report(err, bound, finite, what):
     over = err > bound
@@ -69,7 +55,7 @@ def check_log(res, expected, dtype, what="log values"):
     dtype = np.dtype(dtype)
     res = np.asarray(res, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
-    finite = _assert_nonfinite_match(res, expected, what)
+    finite = assert_nonfinite_match(res, expected, what)
     err = np.abs(res[finite] - expected[finite])
     bound = LOG_TOL[dtype] * np.maximum(1.0, np.abs(expected[finite]))
     _report(err, bound, finite, what)
@@ -80,7 +66,7 @@ def check_prob(res, expected, expected_log, dtype, what="softmax"):
     dtype = np.dtype(dtype)
     res = np.asarray(res, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
-    finite = _assert_nonfinite_match(res, expected, what)
+    finite = assert_nonfinite_match(res, expected, what)
     err = np.abs(res[finite] - expected[finite])
     with np.errstate(invalid="ignore"):
         lg = np.abs(np.asarray(expected_log, dtype=np.float64)[finite])
@@ -94,7 +80,7 @@ def check_backward(res, expected, scale, dtype, what="backward"):
     res = np.asarray(res, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), expected.shape)
-    finite = _assert_nonfinite_match(res, expected, what)
+    finite = assert_nonfinite_match(res, expected, what)
     err = np.abs(res[finite] - expected[finite])
     bound = BACK_TOL[dtype] * np.maximum(scale[finite], 1e-300)
     _report(err, bound, finite, what)
