@@ -15,6 +15,7 @@ rounding trick away.
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils, ir_utils
 from numba.extending import intrinsic
 
 _FLAGS = ("contract",)
@@ -102,3 +103,44 @@ def max_ignoring_nan(typingctx, m, v):
         fn = builder.module.declare_intrinsic("llvm.maxnum", [fty], fnty=ir.FunctionType(fty, [fty, fty]))
         return builder.call(fn, [m_value, args[1]])
     return v(m, v), codegen
+
+
+@intrinsic
+def contiguous_row(typingctx, matrix, i):
+    """Row ``i`` of a 2-D array whose rows are contiguous, typed as a C-ordered 1-D array.
+
+    Numba types a 2-D array with a row stride other than its row length (a column slice, a
+    padded or reversed-rows view) as layout 'A', and loops over 'A' arrays do not vectorise.
+    The dispatcher only hands kernels matrices with unit column stride, so every row can be
+    seen as C-ordered.  The view borrows the matrix's memory (no reference count), which is safe
+    for the kernel's lifetime.
+    """
+    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and isinstance(i, types.Integer)):
+        return None
+    row_type = types.Array(matrix.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        matrix_type = signature.args[0]
+        parent = context.make_array(matrix_type)(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, parent.shape)
+        strides = cgutils.unpack_tuple(builder, parent.strides)
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        start = cgutils.get_item_pointer2(context, builder, parent.data, shape, strides,
+                                          matrix_type.layout, [index, context.get_constant(types.intp, 0)])
+        row = context.make_array(row_type)(context, builder)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(matrix_type.dtype)))
+        context.populate_array(row, data=start, shape=cgutils.pack_array(builder, [shape[1]]),
+                               strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize,
+                               meminfo=None)
+        return row._getvalue()
+    return row_type(matrix, i), codegen
+
+
+def _row_aliases_matrix(lhs, args, alias_map, arg_aliases):
+    ir_utils._add_alias(lhs, args[0].name, alias_map, arg_aliases)
+
+
+# Tell Numba's alias analysis that a row view shares the matrix's memory.  Without it the
+# parfor pass takes the view for a fresh array and drops writes to it that are not inside a
+# loop (``dst[t] -= v``, ``dst[:] = v``) as dead code.
+ir_utils.alias_func_extensions[("contiguous_row", __name__)] = _row_aliases_matrix

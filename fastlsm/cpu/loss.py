@@ -20,39 +20,33 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.cpu._simd import exp
+from fastlsm.cpu._simd import contiguous_row, exp
 from fastlsm.cpu.kernels import row_log_sum_exp, rowwise
 
 
 @njit(fastmath={"reassoc"})
-def _row_weighted_sum(x, i, weight, shift):
-    """``sum_c weight[c] * (x[i, c] - shift)`` in float64."""
-    c_shift = x.dtype.type(shift)
+def _row_weighted_sum(row, weight, shift):
+    """``sum_c weight[c] * (row[c] - shift)`` in float64."""
+    c_shift = row.dtype.type(shift)
     s = 0.0
-    for j in range(x.shape[1]):
-        s += weight[j] * (x[i, j] - c_shift)
+    for j in range(row.shape[0]):
+        s += weight[j] * (row[j] - c_shift)
     return s
 
 
 @njit(fastmath={"reassoc"})
-def _row_smoothed_sums(x, y, i, weight, smoothing, shift):
-    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (x_c - shift))`` with ``y' = y * (1 - eps) + eps / C``."""
-    keep = x.dtype.type(1.0 - smoothing)
-    spread = x.dtype.type(smoothing / x.shape[1])
-    c_shift = x.dtype.type(shift)
+def _row_smoothed_sums(row, y, weight, smoothing, shift):
+    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (row_c - shift))``, ``y' = y * (1 - eps) + eps / C``."""
+    keep = row.dtype.type(1.0 - smoothing)
+    spread = row.dtype.type(smoothing / row.shape[0])
+    c_shift = row.dtype.type(shift)
     wy_sum = 0.0
     wyx_sum = 0.0
-    for j in range(x.shape[1]):
-        wy = weight[j] * (y[i, j] * keep + spread)
+    for j in range(row.shape[0]):
+        wy = weight[j] * (y[j] * keep + spread)
         wy_sum += wy
-        wyx_sum += wy * (x[i, j] - c_shift)
+        wyx_sum += wy * (row[j] - c_shift)
     return wy_sum, wyx_sum
-
-
-@njit
-def _fill_row(a, i, value):
-    for j in range(a.shape[1]):
-        a[i, j] = value
 
 
 @njit
@@ -60,17 +54,17 @@ def _nan_row(loss, grad, i):
     # PyTorch's log_softmax shifts by a non-finite max too: a +inf or all -inf row is all nan.
     loss[i] = np.nan
     if grad.shape[0] > 0:
-        _fill_row(grad, i, np.nan)
+        contiguous_row(grad, i)[:] = np.nan
 
 
 @njit
-def _write_softmax_grad(x, grad, i, shift, s, p_coef, weight, w_coef):
-    """``grad[i, j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(x[i] - shift) / s``."""
-    c_shift = x.dtype.type(shift)
-    a = x.dtype.type(p_coef / s)
-    b = x.dtype.type(w_coef)
-    for j in range(x.shape[1]):
-        grad[i, j] = exp(x[i, j] - c_shift) * a - weight[j] * b
+def _write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
+    """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``."""
+    c_shift = row.dtype.type(shift)
+    a = row.dtype.type(p_coef / s)
+    b = row.dtype.type(w_coef)
+    for j in range(row.shape[0]):
+        dst[j] = exp(row[j] - c_shift) * a - weight[j] * b
 
 
 @rowwise
@@ -79,53 +73,58 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     n_classes = x.shape[1]
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
-        m, s, log_s, row_lse = row_log_sum_exp(x, i)
+        row = contiguous_row(x, i)
+        m, s, log_s, row_lse = row_log_sum_exp(row)
         lse[i] = row_lse
         t = target[i]
         if t == ignore_index:
             loss[i] = 0.0
             if want_grad:
-                _fill_row(grad, i, 0.0)
+                contiguous_row(grad, i)[:] = 0.0
             continue
         if not math.isfinite(m):
             _nan_row(loss, grad, i)
             continue
         w_t = weight[t]
-        nll = -w_t * ((x[i, t] - x.dtype.type(m)) - log_s)
+        nll = -w_t * ((row[t] - row.dtype.type(m)) - log_s)
         row_loss = (1.0 - smoothing) * nll
         if smoothing > 0.0:
-            smooth = total_weight * log_s - _row_weighted_sum(x, i, weight, m)
+            smooth = total_weight * log_s - _row_weighted_sum(row, weight, m)
             row_loss += smoothing / n_classes * smooth
         if z_loss > 0.0:
             row_loss += z_loss * row_lse * row_lse
         loss[i] = row_loss
         if want_grad:
+            # Written after row[t] and the smoothing sum are read: grad may be x itself.
+            dst = contiguous_row(grad, i)
             p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
                               + 2.0 * z_loss * row_lse)
-            _write_softmax_grad(x, grad, i, m, s, p_coef, weight, scale * smoothing / n_classes)
-            grad[i, t] -= x.dtype.type(scale * (1.0 - smoothing) * w_t)
+            _write_softmax_grad(row, dst, m, s, p_coef, weight, scale * smoothing / n_classes)
+            dst[t] -= row.dtype.type(scale * (1.0 - smoothing) * w_t)
 
 
 @rowwise
 def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad):
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
-        m, s, log_s, row_lse = row_log_sum_exp(x, i)
+        row, probs = contiguous_row(x, i), contiguous_row(y, i)
+        m, s, log_s, row_lse = row_log_sum_exp(row)
         lse[i] = row_lse
         if not math.isfinite(m):
             _nan_row(loss, grad, i)
             continue
-        wy_sum, wyx_sum = _row_smoothed_sums(x, y, i, weight, smoothing, m)
+        wy_sum, wyx_sum = _row_smoothed_sums(row, probs, weight, smoothing, m)
         loss[i] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
         if want_grad:
+            dst = contiguous_row(grad, i)
             p_coef = scale * (wy_sum + 2.0 * z_loss * row_lse)
-            keep = 1.0 - smoothing
-            spread = smoothing / x.shape[1]
-            c_shift = x.dtype.type(m)
-            a = x.dtype.type(p_coef / s)
-            for j in range(x.shape[1]):
-                wy = weight[j] * (y[i, j] * x.dtype.type(keep) + x.dtype.type(spread))
-                grad[i, j] = exp(x[i, j] - c_shift) * a - wy * x.dtype.type(scale)
+            keep = row.dtype.type(1.0 - smoothing)
+            spread = row.dtype.type(smoothing / row.shape[0])
+            c_shift = row.dtype.type(m)
+            a = row.dtype.type(p_coef / s)
+            for j in range(row.shape[0]):
+                wy = weight[j] * (probs[j] * keep + spread)
+                dst[j] = exp(row[j] - c_shift) * a - wy * row.dtype.type(scale)
 
 
 @rowwise
@@ -137,6 +136,7 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad):
         loss[i] = 0.0 if ignored else -weight[t] * x[i, t]
         if want_grad:
             # Written after x[i, t] is read: grad may be x itself.
-            _fill_row(grad, i, 0.0)
+            dst = contiguous_row(grad, i)
+            dst[:] = 0.0
             if not ignored:
-                grad[i, t] = x.dtype.type(-scale * weight[t])
+                dst[t] = dst.dtype.type(-scale * weight[t])
