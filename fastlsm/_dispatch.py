@@ -87,15 +87,27 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -
         raise ValueError(f"{name} is read-only")
 
 
+def _as_2d(a: np.ndarray, n_class_axes: int) -> np.ndarray:
+    """``a`` (class axes last) reshaped to ``(rows, classes)``: a view if the layout allows."""
+    split = a.ndim - n_class_axes
+    return a.reshape(math.prod(a.shape[:split]), math.prod(a.shape[split:]))
+
+
+def _rows_are_contiguous(matrix: np.ndarray) -> bool:
+    # Kernels see each row as a C-ordered 1-D array: the column stride must be the item size.
+    return matrix.shape[1] <= 1 or matrix.strides[1] == matrix.itemsize
+
+
 def as_matrix(a: np.ndarray, n_class_axes: int) -> np.ndarray:
     """``a`` (class axes last) as ``(rows, classes)`` with contiguous rows: a view where the
-    layout allows, else a C-ordered copy.  Kernels rely on the unit column stride."""
-    split = a.ndim - n_class_axes
-    matrix = a.reshape(math.prod(a.shape[:split]), math.prod(a.shape[split:]))
-    if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
-        # A strided row is faster copied than walked: measured 18x slower in place for axis=0.
-        return np.ascontiguousarray(matrix)
-    return matrix
+    layout allows, else a C-ordered copy (a cache-blocked parallel one for a transposed view,
+    ~4x faster than NumPy's)."""
+    matrix = _as_2d(a, n_class_axes)
+    if _rows_are_contiguous(matrix):
+        return matrix
+    copy = np.empty(matrix.shape, matrix.dtype)
+    run("copy_tiles", matrix, copy)
+    return copy
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -148,8 +160,8 @@ def elementwise_target(rows: Rows, out: np.ndarray | None,
         result = out
     if result.dtype == rows.compute_dtype and (
             out is None or _same_memory(out, array) or not np.may_share_memory(out, rows.matrix)):
-        target = as_matrix(moved(result, rows.axes), len(rows.axes))
-        if np.may_share_memory(target, result):
+        target = _as_2d(moved(result, rows.axes), len(rows.axes))
+        if np.may_share_memory(target, result) and _rows_are_contiguous(target):
             return result, target, False
     return result, np.empty(rows.matrix.shape, rows.compute_dtype), True
 
@@ -158,7 +170,11 @@ def finish_elementwise(rows: Rows, result: np.ndarray, target: np.ndarray, scrat
                        out: np.ndarray | None):
     if scratch:
         dst = moved(result, rows.axes)
-        dst[...] = target.reshape(dst.shape)
+        view = _as_2d(dst, len(rows.axes))
+        if result.dtype == target.dtype and np.may_share_memory(view, result):
+            run("copy_tiles", target, view)
+        else:
+            dst[...] = target.reshape(dst.shape)
     return result[()] if out is None and rows.array.ndim == 0 else result
 
 

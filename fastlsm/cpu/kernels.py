@@ -169,3 +169,20 @@ def softmax_backward_rows(grad_output, output, grad_input):
         dot = g.dtype.type(row_dot(g, y))
         for j in range(g.shape[0]):
             dst[j] = y[j] * (g[j] - dot)
+
+
+# Square tiles of a 2-D copy: both the source's rows and the destination's stay in cache while a
+# tile is transposed, whatever the two layouts.
+COPY_TILE = 64
+
+
+@rowwise
+def copy_tiles(src, dst):
+    rows, columns = src.shape
+    for tile in prange((rows + COPY_TILE - 1) // COPY_TILE):
+        first = tile * COPY_TILE
+        last = min(rows, first + COPY_TILE)
+        for column in range(0, columns, COPY_TILE):
+            for i in range(first, last):
+                for j in range(column, min(columns, column + COPY_TILE)):
+                    dst[i, j] = src[i, j]
