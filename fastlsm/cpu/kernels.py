@@ -52,7 +52,7 @@ def _finite_or_zero(m):
 # whatever the matrix's row stride.  Loops that do not start at 0 count in uint64: Numba then
 # drops the negative-index wraparound select, which otherwise splits every vector load.
 
-@njit
+@njit(inline="always")
 def _block_max(row, start, stop):
     m = row.dtype.type(-np.inf)
     for j in range(np.uint64(start), np.uint64(stop)):
@@ -61,7 +61,7 @@ def _block_max(row, start, stop):
 
 
 # `reassoc` lets LLVM split a sum across SIMD lanes; it assumes nothing about inf or nan.
-@njit(fastmath={"reassoc"})
+@njit(inline="always")
 def _block_sum_exp(row, start, stop, shift):
     # Summed in the row's dtype over one block (16 lanes of 128 float32 terms at most), then
     # added to a float64 total by the caller: ~1e-8 relative on 300k-element float32 rows.
@@ -72,7 +72,7 @@ def _block_sum_exp(row, start, stop, shift):
     return s
 
 
-@njit
+@njit(fastmath={"reassoc"})
 def row_max_and_sum(row):
     """``(m, s)``: the row's max (nan ignored) and ``s = sum(exp(row - shift))``,
     ``shift = m`` if finite else 0.
@@ -80,9 +80,13 @@ def row_max_and_sum(row):
     A nan anywhere makes ``s`` nan; ``s`` is 0 for an all ``-inf`` or empty row and ``inf`` for a
     row holding ``+inf``.
     """
+    n = row.shape[0]
+    if n <= BLOCK:
+        # One block: no merge; this path halves the time of 10-class rows.
+        m = _block_max(row, 0, n)
+        return m, float(_block_sum_exp(row, 0, n, _finite_or_zero(m)))
     m = -np.inf
     s = 0.0
-    n = row.shape[0]
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
         block_m = _block_max(row, start, stop)
