@@ -60,7 +60,6 @@ def _block_max(row, start, stop):
     return m
 
 
-# `reassoc` lets LLVM split a sum across SIMD lanes; it assumes nothing about inf or nan.
 @njit(inline="always")
 def _block_sum_exp(row, start, stop, shift):
     # Summed in the row's dtype over one block (16 lanes of 128 float32 terms at most), then
@@ -72,6 +71,8 @@ def _block_sum_exp(row, start, stop, shift):
     return s
 
 
+# The block loops are inlined here, so this function's `reassoc` (which lets LLVM split a sum
+# across SIMD lanes and assumes nothing about inf or nan) is what vectorises the sum of exps.
 @njit(fastmath={"reassoc"})
 def row_max_and_sum(row):
     """``(m, s)``: the row's max (nan ignored) and ``s = sum(exp(row - shift))``,
@@ -82,7 +83,7 @@ def row_max_and_sum(row):
     """
     n = row.shape[0]
     if n <= BLOCK:
-        # One block: no merge; this path halves the time of 10-class rows.
+        # One block needs no merge; skipping the loop cut 10-class rows by about a third.
         m = _block_max(row, 0, n)
         return m, float(_block_sum_exp(row, 0, n, _finite_or_zero(m)))
     m = -np.inf
