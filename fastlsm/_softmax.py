@@ -13,6 +13,10 @@ Axis = int | tuple[int, ...] | None
 
 
 def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
+    if out is None and d.plain_rows(x, axis):
+        result = np.empty_like(x)
+        d.run(kernel, x.reshape(-1, x.shape[-1]), result.reshape(-1, x.shape[-1]))
+        return result
     array = d.as_real_array(x, "x")
     axes = d.normalize_axes(axis, array.ndim)
     rows = d.to_rows(array, axes, "x")
@@ -98,6 +102,10 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False,
     >>> float(fastlsm.logsumexp([0.0, 0.0]))  # log(2)
     0.6931471805599453
     """
+    if out is None and not keepdims and d.plain_rows(x, axis):
+        lse = np.empty(x.shape[:-1], x.dtype)
+        d.run("logsumexp_rows", x.reshape(-1, x.shape[-1]), lse.reshape(-1))
+        return lse[()] if lse.ndim == 0 else lse
     array = d.as_real_array(x, "x")
     axes = d.normalize_axes(axis, array.ndim)
     rows = d.to_rows(array, axes, "x")
