@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from fastlsm.cpu._simd import contiguous_row, exp, max_ignoring_nan
 
@@ -42,7 +43,7 @@ def rowwise(py_func):
 
 
 @njit(inline="always")
-def _finite_or_zero(m):
+def finite_or_zero(m):
     # SciPy shifts by the max only where it is finite: a +inf or all -inf row is shifted by 0,
     # which gives its documented nan / -inf answers instead of inf - inf everywhere.
     return m if math.isfinite(m) else 0.0
@@ -71,33 +72,91 @@ def _block_sum_exp(row, start, stop, shift):
     return s
 
 
+@njit(inline="always")
+def _block_store_exp(row, exps, start, stop, shift):
+    c = row.dtype.type(shift)
+    for j in range(np.uint64(start), np.uint64(stop)):
+        exps[j] = exp(row[j] - c)
+    # Summed in a loop of its own, over the stored block in L1: when `exps` is the row itself the
+    # loop above runs scalar (LLVM's overlap check), and this keeps the summation order, hence
+    # the result, the same as out of place.
+    s = row.dtype.type(0.0)
+    for j in range(np.uint64(start), np.uint64(stop)):
+        s += exps[j]
+    return s
+
+
 # The block loops are inlined here, so this function's `reassoc` (which lets LLVM split a sum
 # across SIMD lanes and assumes nothing about inf or nan) is what vectorises the sum of exps.
 @njit(fastmath={"reassoc"})
-def row_max_and_sum(row):
+def row_stats(row, exps, block_maxima):
     """``(m, s)``: the row's max (nan ignored) and ``s = sum(exp(row - shift))``,
     ``shift = m`` if finite else 0.
 
     A nan anywhere makes ``s`` nan; ``s`` is 0 for an all ``-inf`` or empty row and ``inf`` for a
-    row holding ``+inf``.
+    row holding ``+inf``.  Where ``exps`` has the row's length (it may be the row itself) it
+    also receives each ``exp``, block ``b`` shifted by its running max, which goes to
+    ``block_maxima[b]`` for :func:`rescale_stored_exps`; pass empty arrays to store nothing.
     """
+    store = exps.shape[0] > 0
     n = row.shape[0]
     if n <= BLOCK:
         # One block needs no merge; skipping the loop cut 10-class rows by about a third.
         m = _block_max(row, 0, n)
-        return m, float(_block_sum_exp(row, 0, n, _finite_or_zero(m)))
+        shift = finite_or_zero(m)
+        s = _block_store_exp(row, exps, 0, n, shift) if store else _block_sum_exp(row, 0, n, shift)
+        return m, float(s)
     m = -np.inf
     s = 0.0
-    for start in range(0, n, BLOCK):
+    for block, start in enumerate(range(0, n, BLOCK)):
         stop = min(start + BLOCK, n)
         block_m = _block_max(row, start, stop)
         if block_m > m:
             # s == 0 guards the -inf -> finite step, where exp(0 - m) can overflow and 0 * inf is nan.
             if s != 0.0:
-                s *= math.exp(_finite_or_zero(m) - _finite_or_zero(block_m))
+                s *= math.exp(finite_or_zero(m) - finite_or_zero(block_m))
             m = block_m
-        s += _block_sum_exp(row, start, stop, _finite_or_zero(m))
+        if store:
+            block_maxima[block] = m
+            s += _block_store_exp(row, exps, start, stop, finite_or_zero(m))
+        else:
+            s += _block_sum_exp(row, start, stop, finite_or_zero(m))
     return m, s
+
+
+@njit
+def row_max_and_sum(row):
+    """:func:`row_stats` without storing the exps."""
+    return row_stats(row, row[:0], row[:0])
+
+
+@njit
+def rescale_stored_exps(exps, block_maxima, m, factor):
+    """``exps[j] *= exp(shift_b - m) * factor``: the stored exps of :func:`row_stats`, each block
+    brought to the row's final (finite) max ``m`` and scaled, e.g. by ``1 / s`` for softmax."""
+    n = exps.shape[0]
+    if n <= BLOCK:
+        f = exps.dtype.type(factor)
+        for j in range(n):
+            exps[j] *= f
+        return
+    for block, start in enumerate(range(0, n, BLOCK)):
+        # A block whose running max was -inf stored zeros, and exp(-inf - m) = 0 keeps them 0.
+        f = exps.dtype.type(math.exp(block_maxima[block] - m) * factor)
+        for j in range(np.uint64(start), np.uint64(min(start + BLOCK, n))):
+            exps[j] *= f
+
+
+def block_maxima_rows(x):
+    """Scratch for :func:`row_stats`: one running max per block of each row (none for 1 block)."""
+
+
+@overload(block_maxima_rows)
+def _block_maxima_rows_overload(x):
+    def impl(x):
+        blocks = (x.shape[1] + BLOCK - 1) // BLOCK
+        return np.empty((x.shape[0], blocks if blocks > 1 else 0), x.dtype)
+    return impl
 
 
 @njit
@@ -105,7 +164,7 @@ def row_log_sum_exp(row):
     """``(m, s, log(s), lse)``: :func:`row_max_and_sum` and the row's log-sum-exp."""
     m, s = row_max_and_sum(row)
     log_s = math.log(s)
-    return m, s, log_s, _finite_or_zero(m) + log_s
+    return m, s, log_s, finite_or_zero(m) + log_s
 
 
 @njit(fastmath={"reassoc"})
@@ -129,7 +188,7 @@ def log_softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row, dst = contiguous_row(x, i), contiguous_row(out, i)
         m, s = row_max_and_sum(row)
-        c = row.dtype.type(_finite_or_zero(m))
+        c = row.dtype.type(finite_or_zero(m))
         log_s = row.dtype.type(math.log(s))
         for j in range(row.shape[0]):
             dst[j] = (row[j] - c) - log_s
@@ -137,17 +196,17 @@ def log_softmax_rows(x, out):
 
 @rowwise
 def softmax_rows(x, out):
+    # The stats pass stores the exps in `out`, and the second pass only rescales them.
+    block_maxima = block_maxima_rows(x)
     for i in prange(x.shape[0]):
         row, dst = contiguous_row(x, i), contiguous_row(out, i)
-        m, s = row_max_and_sum(row)
+        maxima = contiguous_row(block_maxima, i)
+        m, s = row_stats(row, dst, maxima)
         if not math.isfinite(m):
             # SciPy's softmax shifts by the max even when it is not finite: such rows are nan.
             dst[:] = np.nan
             continue
-        c = row.dtype.type(m)
-        inv_s = row.dtype.type(1.0 / s)
-        for j in range(row.shape[0]):
-            dst[j] = exp(row[j] - c) * inv_s
+        rescale_stored_exps(dst, maxima, m, 1.0 / s)
 
 
 @rowwise

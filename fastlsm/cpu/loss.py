@@ -21,7 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from fastlsm.cpu._simd import contiguous_row, exp
-from fastlsm.cpu.kernels import row_log_sum_exp, rowwise
+from fastlsm.cpu.kernels import (block_maxima_rows, finite_or_zero, rescale_stored_exps,
+                                 row_log_sum_exp, row_stats, rowwise)
 
 
 @njit(fastmath={"reassoc"})
@@ -72,12 +73,24 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
                        loss, lse, grad):
     n_classes = x.shape[1]
     want_grad = grad.shape[0] > 0
+    # Without smoothing the gradient is softmax times a per-row coefficient (minus the target's
+    # term): the stats pass stores the exps in `grad` and the second pass only rescales them.
+    store_exps = want_grad and smoothing == 0.0
+    block_maxima = block_maxima_rows(x)
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
-        m, s, log_s, row_lse = row_log_sum_exp(row)
-        lse[i] = row_lse
         t = target[i]
-        if t == ignore_index:
+        ignored = t == ignore_index
+        x_t = row[t] if not ignored else row.dtype.type(0.0)  # read first: grad may be x
+        maxima = contiguous_row(block_maxima, i)
+        if store_exps:
+            m, s = row_stats(row, contiguous_row(grad, i), maxima)
+        else:
+            m, s = row_stats(row, row[:0], row[:0])
+        log_s = math.log(s)
+        row_lse = finite_or_zero(m) + log_s
+        lse[i] = row_lse
+        if ignored:
             loss[i] = 0.0
             if want_grad:
                 contiguous_row(grad, i)[:] = 0.0
@@ -86,7 +99,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
             _nan_row(loss, grad, i)
             continue
         w_t = weight[t]
-        nll = -w_t * ((row[t] - row.dtype.type(m)) - log_s)
+        nll = -w_t * ((x_t - row.dtype.type(m)) - log_s)
         row_loss = (1.0 - smoothing) * nll
         if smoothing > 0.0:
             smooth = total_weight * log_s - _row_weighted_sum(row, weight, m)
@@ -95,11 +108,13 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
             row_loss += z_loss * row_lse * row_lse
         loss[i] = row_loss
         if want_grad:
-            # Written after row[t] and the smoothing sum are read: grad may be x itself.
             dst = contiguous_row(grad, i)
             p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
                               + 2.0 * z_loss * row_lse)
-            _write_softmax_grad(row, dst, m, s, p_coef, weight, scale * smoothing / n_classes)
+            if store_exps:
+                rescale_stored_exps(dst, maxima, m, p_coef / s)
+            else:
+                _write_softmax_grad(row, dst, m, s, p_coef, weight, scale * smoothing / n_classes)
             dst[t] -= row.dtype.type(scale * (1.0 - smoothing) * w_t)
 
 
