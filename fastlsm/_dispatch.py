@@ -90,6 +90,15 @@ def plain_rows(x, axis) -> bool:
             and type(axis) is int and (axis == -1 or axis == x.ndim - 1) and x.flags.c_contiguous)
 
 
+def plain_out(x: np.ndarray, out) -> bool:
+    """For a :func:`plain_rows` ``x``: ``out`` is None, ``x`` itself, or a C-ordered writeable
+    array of ``x``'s shape and dtype apart from it, so the kernel can write it directly."""
+    return out is None or (
+        type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape
+        and out.flags.c_contiguous and out.flags.writeable
+        and (out is x or not np.may_share_memory(out, x)))
+
+
 def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> None:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")

@@ -13,8 +13,8 @@ Axis = int | tuple[int, ...] | None
 
 
 def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
-    if out is None and d.plain_rows(x, axis):
-        result = np.empty_like(x)
+    if d.plain_rows(x, axis) and d.plain_out(x, out):
+        result = np.empty_like(x) if out is None else out
         d.run(kernel, x.reshape(-1, x.shape[-1]), result.reshape(-1, x.shape[-1]))
         return result
     array = d.as_real_array(x, "x")
