@@ -83,8 +83,8 @@ def plain_rows(x, axis) -> bool:
     """The common call: a non-empty C-ordered float32/float64 array, rows along the last axis.
 
     Callers hand such an ``x`` straight to a kernel as ``x.reshape(-1, x.shape[-1])``, skipping
-    the general dtype and layout handling, which is most of the cost of a call on a few hundred
-    elements (3-6 us of a ~2 us call at (1, 10) here).
+    the general dtype and layout handling, which costs 3-6 us a call here: more than the whole
+    fast call (~2-3 us) on a (1, 10) array.
     """
     return (type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS and x.ndim > 0 and x.size > 0
             and type(axis) is int and (axis == -1 or axis == x.ndim - 1) and x.flags.c_contiguous)
