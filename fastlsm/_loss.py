@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -15,17 +16,23 @@ from fastlsm import _dispatch as d
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-@dataclass(slots=True)
+@dataclass
 class _Logits:
-    """Validated logits seen as ``(rows, classes)``, with their class weights."""
-    rows: d.Rows
+    """Validated logits and their class weights; :attr:`rows` sees them as ``(rows, classes)``."""
+    array: np.ndarray
     class_axis: int
     row_shape: tuple[int, ...]  # the input's shape without the class axis: one loss per element
     weight: np.ndarray          # (classes,), compute dtype
+    result_dtype: np.dtype
 
     @property
     def n_classes(self) -> int:
-        return self.rows.matrix.shape[1]
+        return self.array.shape[self.class_axis]
+
+    @functools.cached_property
+    def rows(self) -> d.Rows:
+        # Only once every argument is validated: a transposed layout is copied by a kernel.
+        return d.to_rows(self.array, (self.class_axis,), "input")
 
 
 def _class_axis(array: np.ndarray, axis) -> int:
@@ -68,7 +75,7 @@ def _weight(weight, n_classes: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _check_target_shape(logits: _Logits, target: np.ndarray) -> None:
-    array, class_axis, expected = logits.rows.array, logits.class_axis, logits.row_shape
+    array, class_axis, expected = logits.array, logits.class_axis, logits.row_shape
     if target.shape == expected:
         return
     if array.ndim == 1:
@@ -102,19 +109,21 @@ def _class_indices(target: np.ndarray, logits: _Logits,
     return np.ascontiguousarray(flat), denominator
 
 
-def _logits(input, weight, axis) -> _Logits:
+def _logits(input, weight, axis, grad_out) -> _Logits:
     array = d.as_real_array(input, "input")
     class_axis = _class_axis(array, axis)
-    rows = d.to_rows(array, (class_axis,), "input")
     row_shape = array.shape[:class_axis] + array.shape[class_axis + 1:]
-    return _Logits(rows, class_axis, row_shape,
-                   _weight(weight, array.shape[class_axis], rows.compute_dtype))
+    dtype = d.result_dtype(array.dtype, "input")
+    if grad_out is not None:
+        d.check_out(grad_out, array.shape, dtype, "grad_out")
+    return _Logits(array, class_axis, row_shape,
+                   _weight(weight, array.shape[class_axis], d.compute_dtype(dtype)), dtype)
 
 
 def _finish(logits: _Logits, reduction: str, denominator: float, loss: np.ndarray,
             grad: tuple | None, grad_out, lse: np.ndarray | None):
     """Reduce the per-row losses and gather what the caller asked for, in the result dtype."""
-    dtype = logits.rows.result_dtype
+    dtype = logits.result_dtype
     if reduction == "none":
         value: Any = loss.reshape(logits.row_shape).astype(dtype)
         if value.ndim == 0:
@@ -208,29 +217,29 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     """
     ignore_index, label_smoothing, z_loss = _check_options(ignore_index, reduction,
                                                            label_smoothing, z_loss)
-    logits = _logits(input, weight, axis)
+    logits = _logits(input, weight, axis, grad_out)
     target = np.asarray(target)
     want_grad = return_grad or grad_out is not None
-    matrix = logits.rows.matrix
-    loss = np.empty(matrix.shape[0])
-    lse = np.empty(matrix.shape[0])
-    if target.shape == logits.rows.array.shape:
+    rows = math.prod(logits.row_shape)
+    loss = np.empty(rows)
+    lse = np.empty(rows)
+    if target.shape == logits.array.shape:
         if target.dtype.kind != "f":
             raise TypeError("Expected floating point type for target with class probabilities, "
                             f"got {target.dtype}")
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for floating point target")
-        probs = d.to_rows(target.astype(logits.rows.compute_dtype, copy=False),
+        denominator = float(rows)
+        probs = d.to_rows(target.astype(logits.weight.dtype, copy=False),
                           (logits.class_axis,), "target").matrix
-        denominator = float(matrix.shape[0])
         grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
-        d.run("cross_entropy_probs_rows", matrix, probs, logits.weight, label_smoothing, z_loss,
-              _scale(reduction, denominator), loss, lse, grad_target)
+        d.run("cross_entropy_probs_rows", logits.rows.matrix, probs, logits.weight,
+              label_smoothing, z_loss, _scale(reduction, denominator), loss, lse, grad_target)
     else:
         _check_target_shape(logits, target)
         flat, denominator = _class_indices(target, logits, ignore_index)
         grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
-        d.run("cross_entropy_rows", matrix, flat, logits.weight,
+        d.run("cross_entropy_rows", logits.rows.matrix, flat, logits.weight,
               float(logits.weight.sum(dtype=np.float64)), ignore_index, label_smoothing,
               z_loss, _scale(reduction, denominator), loss, lse, grad_target)
     return _finish(logits, reduction, denominator, loss, grad, grad_out,
@@ -254,7 +263,7 @@ def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = Non
     0.4904
     """
     ignore_index = _check_options(ignore_index, reduction, 0.0, 0.0)[0]
-    logits = _logits(input, weight, axis)
+    logits = _logits(input, weight, axis, grad_out)
     target = np.asarray(target)
     _check_target_shape(logits, target)
     flat, denominator = _class_indices(target, logits, ignore_index)

@@ -242,11 +242,14 @@ COPY_TILE = 64
 
 @rowwise
 def copy_tiles(src, dst):
-    rows, columns = src.shape
-    for tile in prange((rows + COPY_TILE - 1) // COPY_TILE):
-        first = tile * COPY_TILE
+    """``dst[...] = src`` for ``(batch, rows, columns)`` arrays of any layouts."""
+    batches, rows, columns = src.shape
+    row_tiles = (rows + COPY_TILE - 1) // COPY_TILE
+    for task in prange(batches * row_tiles):
+        b = task // row_tiles
+        first = (task % row_tiles) * COPY_TILE
         last = min(rows, first + COPY_TILE)
         for column in range(0, columns, COPY_TILE):
             for i in range(first, last):
                 for j in range(column, min(columns, column + COPY_TILE)):
-                    dst[i, j] = src[i, j]
+                    dst[b, i, j] = src[b, i, j]
