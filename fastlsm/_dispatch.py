@@ -21,6 +21,10 @@ import numpy as np
 # starting the thread team: measured crossover ~10-16k units for 10, 100 and 1000 classes.
 ROW_OVERHEAD = 100
 PARALLEL_MIN_WORK = 12_000
+# Rows of at most this many classes go to a kernel's ``*_short_rows`` twin where it has one
+# (rows a tile at a time, across SIMD lanes).  Measured crossover: 32-64 classes in float32,
+# ~32 in float64; at 10 classes the tiles are ~4x faster.
+SHORT_ROW_CLASSES = 32
 
 _FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
 
@@ -271,11 +275,21 @@ def kernel(name: str):
     return _kernels()[name]
 
 
+@functools.cache
+def _variants(kernel_name: str) -> tuple:
+    """``(for long rows, for short rows)``: the kernel and its ``*_short_rows`` twin, if any."""
+    kernels = _kernels()
+    long_rows = kernels[kernel_name]
+    return long_rows, kernels.get(kernel_name.removesuffix("_rows") + "_short_rows", long_rows)
+
+
 def run(kernel_name: str, *args) -> None:
     """Run a row kernel; its first argument, a ``(..., rows, classes)`` array, picks the variant."""
-    row_kernel = kernel(kernel_name)
-    *leading, classes = args[0].shape
-    rows = math.prod(leading)
+    shape = args[0].shape
+    classes = shape[-1]
+    rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+    long_rows, short_rows = _variants(kernel_name)
+    row_kernel = short_rows if classes <= SHORT_ROW_CLASSES else long_rows
     if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or _get_num_threads() == 1:
         row_kernel.serial(*args)
     elif _layer_is_threadsafe():

@@ -38,6 +38,8 @@ import numpy as np
 import pytest
 
 import fastlsm
+from fastlsm._dispatch import SHORT_ROW_CLASSES
+from fastlsm.cpu.kernels import TILE_ROWS
 from checks import assert_nonfinite_match
 import loss_reference as ref
 
@@ -70,6 +72,9 @@ SHAPES = {  # name: (input shape, axis)
     "NCd": ((5, 7, 4), 1),
     "NCdd": ((3, 7, 4, 2), 1),
     "BTV": ((3, 5, 7), -1),      # (B, T, V) logits with a (B, T) target
+    # Past the short-row kernels' class limit; and enough short rows for parallel tiles.
+    "NC long rows": ((13, SHORT_ROW_CLASSES + 5), 1),
+    "NC tiles": ((2 * TILE_ROWS + 37, 7), 1),
 }
 IGNORE_MODES = ("absent", "-100", "class0")
 SMOOTHINGS = (0.0, 0.1, 1.0)
@@ -891,6 +896,22 @@ def test_nonfinite_rows(dtype, label_smoothing):
     m = fastlsm.cross_entropy(x[finite_rows], t[finite_rows], label_smoothing=label_smoothing)
     assert np.isfinite(m)
     assert np.isnan(fastlsm.cross_entropy(x, t, label_smoothing=label_smoothing))
+
+
+@pytest.mark.parametrize("n_classes", [4, SHORT_ROW_CLASSES + 1])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_nonfinite_rows_among_many(dtype, n_classes, rng):
+    # The rows above, padded with -inf classes (harmless off the target), spread over tiles and
+    # threads among finite rows.
+    x = (rng.standard_normal((3 * TILE_ROWS + 37, n_classes)) * 3).astype(dtype)
+    t = rng.integers(0, 4, len(x))
+    places = [0, 1, TILE_ROWS - 1, TILE_ROWS, TILE_ROWS + 1, 2 * TILE_ROWS - 1, 2 * TILE_ROWS,
+              2 * TILE_ROWS + 5, len(x) - 2, len(x) - 1]
+    for place, (row, target) in zip(places, NONFINITE_ROWS, strict=True):
+        x[place] = -INF
+        x[place, :4] = row
+        t[place] = target
+    run_cross_entropy(Case(x, t, None, -100, 1), expected_reference, 0.0, label="spread")
 
 
 @needs_torch

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 
 import fastlsm
+from fastlsm._dispatch import SHORT_ROW_CLASSES
+from fastlsm.cpu.kernels import TILE_ROWS
 from checks import assert_nonfinite_match
 import reference as ref
 
@@ -762,6 +764,25 @@ def test_nonfinite_rows_in_parallel_kernel(dtype, rng):
         check_log(fastlsm.log_softmax(xx, axis), lsm_ref, dtype)
         check_prob(fastlsm.softmax(xx, axis), ref.softmax(xx, axis), lsm_ref, dtype)
         check_log(fastlsm.logsumexp(xx, axis), ref.logsumexp(xx, axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n_classes", [1, 3, 10, 17, SHORT_ROW_CLASSES, SHORT_ROW_CLASSES + 1])
+def test_short_row_tiles(dtype, n_classes, rng):
+    # Three full tiles and a partial one, large enough for the parallel kernels; non-finite rows
+    # sit at a tile's edges, where a lane mix-up in the transposed tile would show.
+    n_rows = 3 * TILE_ROWS + 37
+    x = (rng.standard_normal((n_rows, n_classes)) * 3).astype(dtype)
+    x[0] = -np.inf
+    x[TILE_ROWS - 1, -1] = np.inf
+    x[TILE_ROWS, 0] = np.nan
+    x[2 * TILE_ROWS + 1, :] = np.nan
+    x[-1, 0] = -np.inf
+    x[-2] += 1e4
+    lsm_ref = ref.log_softmax(x)
+    check_log(fastlsm.log_softmax(x), lsm_ref, dtype)
+    check_prob(fastlsm.softmax(x), ref.softmax(x), lsm_ref, dtype)
+    check_log(fastlsm.logsumexp(x), ref.logsumexp(x), dtype)
 
 
 # --- large magnitudes and long rows -------------------------------------------------------------

@@ -8,6 +8,10 @@ A row is read from memory once for its statistics: it is walked in blocks that f
 block's max is found first and the block's ``exp`` sum is then taken from cache, and the running
 sum is rescaled when the max grows (the online (max, sum) merge).  The write pass reads the row a
 second time, from L2 for rows up to ~1 MiB.
+
+Rows of a few classes have a ``*_short_rows`` twin: a loop over one short row is mostly vector
+tails and horizontal reductions, so those kernels take rows a tile at a time and find the tile's
+statistics with the rows across SIMD lanes (:func:`tile_stats`).
 """
 
 import math
@@ -159,6 +163,57 @@ def _block_maxima_rows_overload(x):
     return impl
 
 
+# Rows per tile of the short-row kernels: a float64 tile of 32 classes (64 KiB, transposed copy
+# included) still sits in L2, and the loop over tiles has enough iterations to share out.
+TILE_ROWS = 256
+SUM_COLUMNS = 8
+
+
+@njit(inline="always")
+def tile_bounds(n_rows, tile):
+    first = tile * TILE_ROWS
+    return first, min(first + TILE_ROWS, n_rows)
+
+
+@njit(fastmath={"reassoc"})
+def tile_stats(x, first, last):
+    """``(maxima, sums)``: :func:`row_max_and_sum` of rows ``first:last`` of ``x``; the maxima
+    in ``x``'s dtype, the sums in float64 (a float32 sum of 32 terms, one after the other, can
+    be off by more than float32's own rounding of the result).
+
+    The rows are copied into a transposed tile, so every loop below runs over the rows, as many
+    per instruction as SIMD lanes, whatever the number of classes.
+    """
+    n_rows = last - first
+    n_classes = x.shape[1]
+    columns = np.empty((n_classes, n_rows), x.dtype)
+    for r in range(n_rows):
+        row = contiguous_row(x, first + r)
+        for j in range(n_classes):
+            columns[j, r] = row[j]
+    maxima = np.full(n_rows, -np.inf, x.dtype)
+    for j in range(n_classes):
+        column = contiguous_row(columns, j)
+        for r in range(n_rows):
+            maxima[r] = max_ignoring_nan(maxima[r], column[r])
+    shifts = np.empty(n_rows, x.dtype)
+    for r in range(n_rows):
+        shifts[r] = finite_or_zero(maxima[r])
+    # Summed in the rows' dtype over SUM_COLUMNS classes at a time, then in float64: adding
+    # every float32 term to a float64 sum costs ~40% of the kernel's time.
+    sums = np.zeros(n_rows)
+    partial = np.empty(n_rows, x.dtype)
+    for start in range(0, n_classes, SUM_COLUMNS):
+        partial[:] = 0.0
+        for j in range(start, min(start + SUM_COLUMNS, n_classes)):
+            column = contiguous_row(columns, j)
+            for r in range(n_rows):
+                partial[r] += exp(column[r] - shifts[r])
+        for r in range(n_rows):
+            sums[r] += partial[r]
+    return maxima, sums
+
+
 @njit
 def row_log_sum_exp(row):
     """``(m, s, log(s), lse)``: :func:`row_max_and_sum` and the row's log-sum-exp."""
@@ -183,15 +238,30 @@ def row_dot(a, b):
     return s
 
 
+@njit
+def write_log_softmax(row, dst, m, s):
+    c = row.dtype.type(finite_or_zero(m))
+    log_s = row.dtype.type(math.log(s))
+    for j in range(row.shape[0]):
+        dst[j] = (row[j] - c) - log_s
+
+
 @rowwise
 def log_softmax_rows(x, out):
     for i in prange(x.shape[0]):
-        row, dst = contiguous_row(x, i), contiguous_row(out, i)
+        row = contiguous_row(x, i)
         m, s = row_max_and_sum(row)
-        c = row.dtype.type(finite_or_zero(m))
-        log_s = row.dtype.type(math.log(s))
-        for j in range(row.shape[0]):
-            dst[j] = (row[j] - c) - log_s
+        write_log_softmax(row, contiguous_row(out, i), m, s)
+
+
+@rowwise
+def log_softmax_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for i in range(first, last):
+            write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
+                              maxima[i - first], sums[i - first])
 
 
 @rowwise
@@ -210,9 +280,34 @@ def softmax_rows(x, out):
 
 
 @rowwise
+def softmax_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for i in range(first, last):
+            row, dst = contiguous_row(x, i), contiguous_row(out, i)
+            m = maxima[i - first]
+            if not math.isfinite(m):
+                dst[:] = np.nan
+                continue
+            scale = row.dtype.type(1.0 / sums[i - first])
+            for j in range(row.shape[0]):
+                dst[j] = exp(row[j] - m) * scale
+
+
+@rowwise
 def logsumexp_rows(x, out):
     for i in prange(x.shape[0]):
         out[i] = row_log_sum_exp(contiguous_row(x, i))[3]
+
+
+@rowwise
+def logsumexp_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for r in range(last - first):
+            out[first + r] = finite_or_zero(float(maxima[r])) + math.log(sums[r])
 
 
 @rowwise
