@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike
 from fastlsm import _dispatch as d
 
 _REDUCTIONS = ("none", "mean", "sum")
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class _Logits:
     class_axis: int
     row_shape: tuple[int, ...]  # the input's shape without the class axis: one loss per element
     weight: np.ndarray          # (classes,), compute dtype
+    total_weight: float         # sum(weight) in float64
     result_dtype: np.dtype
 
     @property
@@ -32,7 +34,11 @@ class _Logits:
     @functools.cached_property
     def rows(self) -> d.Rows:
         # Only once every argument is validated: a transposed layout is copied by a kernel.
-        return d.to_rows(self.array, (self.class_axis,), "input")
+        array = self.array
+        if array.ndim == 2 and self.class_axis == 1 and d.plain_rows(array, 1):
+            return d.Rows(array, (1,), array.dtype, array.dtype, array)  # ~3 us less a call
+        return d.to_rows(array, (self.class_axis,), "input")
+
 
 
 def _class_axis(array: np.ndarray, axis) -> int:
@@ -53,6 +59,8 @@ def _check_options(ignore_index: int, reduction: str, label_smoothing: float,
         ignore_index = operator.index(ignore_index)
     except TypeError:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (as in PyTorch), got {ignore_index}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     label_smoothing = float(label_smoothing)
@@ -64,14 +72,23 @@ def _check_options(ignore_index: int, reduction: str, label_smoothing: float,
     return ignore_index, label_smoothing, z_loss
 
 
-def _weight(weight, n_classes: int, dtype: np.dtype) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    # Shared by every call without weights; kernels only read it.  (A read-only flag would be a
+    # different Numba type: a second compilation of every loss kernel.)
+    return np.ones(n_classes, dtype)
+
+
+def _weight(weight, n_classes: int, dtype: np.dtype) -> tuple[np.ndarray, float]:
+    """The weights as a contiguous array of ``dtype``, and their sum."""
     if weight is None:
-        return np.ones(n_classes, dtype)
+        return _unit_weight(n_classes, dtype), float(n_classes)
     w = d.as_real_array(weight, "weight")
     if w.shape != (n_classes,):
         raise ValueError(f"weight should be a 1-D array of {n_classes} elements (one per class), "
                          f"got shape {w.shape}")
-    return np.ascontiguousarray(w, dtype=dtype)
+    w = np.ascontiguousarray(w, dtype=dtype)
+    return w, float(w.sum(dtype=np.float64))
 
 
 def _check_target_shape(logits: _Logits, target: np.ndarray) -> None:
@@ -89,6 +106,12 @@ def _check_target_shape(logits: _Logits, target: np.ndarray) -> None:
                      f"classes on axis {class_axis} needs a target of shape {expected}")
 
 
+@functools.cache
+def _check_class_indices():
+    from fastlsm.cpu.loss import check_class_indices  # Numba loads on first use
+    return check_class_indices
+
+
 def _class_indices(target: np.ndarray, logits: _Logits,
                    ignore_index: int) -> tuple[np.ndarray, float]:
     """Flat int64 targets, checked against the class count, and the sum of their weights."""
@@ -97,16 +120,13 @@ def _class_indices(target: np.ndarray, logits: _Logits,
         hint = (" (a float target of the input's shape holds class probabilities)"
                 if target.dtype.kind == "f" else "")
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}{hint}")
-    flat = target.reshape(-1).astype(np.int64, copy=False)
-    kept = flat != ignore_index
-    bad = kept & ((flat < 0) | (flat >= n_classes))
-    if bad.any():
-        first = int(np.argmax(bad))
+    flat = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
+    first, denominator = _check_class_indices()(flat, logits.weight, ignore_index)
+    if first >= 0:
         position = [int(k) for k in np.unravel_index(first, target.shape)] if target.ndim else []
         raise IndexError(f"Target {flat[first]} is out of bounds. (target{position} with "
                          f"{n_classes} classes)")
-    denominator = float(logits.weight[flat[kept]].sum(dtype=np.float64))
-    return np.ascontiguousarray(flat), denominator
+    return flat, denominator
 
 
 def _logits(input, weight, axis, grad_out) -> _Logits:
@@ -117,7 +137,7 @@ def _logits(input, weight, axis, grad_out) -> _Logits:
     if grad_out is not None:
         d.check_out(grad_out, array.shape, dtype, "grad_out")
     return _Logits(array, class_axis, row_shape,
-                   _weight(weight, array.shape[class_axis], d.compute_dtype(dtype)), dtype)
+                   *_weight(weight, array.shape[class_axis], d.compute_dtype(dtype)), dtype)
 
 
 def _finish(logits: _Logits, reduction: str, denominator: float, loss: np.ndarray,
@@ -129,10 +149,13 @@ def _finish(logits: _Logits, reduction: str, denominator: float, loss: np.ndarra
         if value.ndim == 0:
             value = value[()]
     else:
-        total = np.sum(loss)
+        total = loss.sum()  # pairwise, in float64
         if reduction == "mean":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                total = np.float64(total) / denominator
+            if denominator == 0.0:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    total = total / np.float64(denominator)  # nan, or inf for weights summing to 0
+            else:
+                total = total / denominator
         value = dtype.type(total)
     results = [value]
     if grad is not None:
@@ -240,7 +263,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         flat, denominator = _class_indices(target, logits, ignore_index)
         grad, grad_target = _grad_arrays(logits, want_grad, grad_out)
         d.run("cross_entropy_rows", logits.rows.matrix, flat, logits.weight,
-              float(logits.weight.sum(dtype=np.float64)), ignore_index, label_smoothing,
+              logits.total_weight, ignore_index, label_smoothing,
               z_loss, _scale(reduction, denominator), loss, lse, grad_target)
     return _finish(logits, reduction, denominator, loss, grad, grad_out,
                    lse if return_lse else None)

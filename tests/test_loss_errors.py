@@ -284,6 +284,13 @@ def test_ignore_index_must_be_an_int(func, ignore_index):
            ignore_index=ignore_index)
 
 
+@BOTH
+@pytest.mark.parametrize("ignore_index", [2 ** 63, -2 ** 63 - 1, 2 ** 70])
+def test_ignore_index_must_fit_in_int64(func, ignore_index):
+    raises(ValueError, "ignore_index must fit in int64", func, logits(4, 5),
+           np.array([0, 1, 2, 3]), ignore_index=ignore_index)
+
+
 # --- what is allowed --------------------------------------------------------------------------------
 
 def test_valid_edge_arguments_are_accepted(monkeypatch):
