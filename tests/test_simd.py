@@ -1,0 +1,113 @@
+"""The vectorisable ``exp`` and ``max`` of :mod:`fastlsm.cpu._simd` against NumPy.
+
+Errors are in units in the last place (ulp) of the correctly rounded result, taken from a wider
+reference: float64 for float32, the x87 80-bit long double for float64 (where NumPy has one).
+"""
+
+import re
+
+import numba
+import numpy as np
+import pytest
+from numba import njit
+
+from fastlsm.cpu._simd import exp, max_ignoring_nan
+
+
+@njit
+def exp_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = exp(x[i])
+    return out
+
+
+@njit
+def max_all(x):
+    m = x.dtype.type(-np.inf)
+    for i in range(x.shape[0]):
+        m = max_ignoring_nan(m, x[i])
+    return m
+
+
+def ulp_error(result, reference, dtype):
+    """``|result - reference|`` in ulps of ``reference`` rounded to ``dtype`` (normal range)."""
+    rounded = reference.astype(dtype)
+    ulp = np.spacing(np.abs(rounded)).astype(reference.dtype)
+    return np.abs(result.astype(reference.dtype) - reference) / ulp
+
+
+def test_float32_within_1_01_ulp(rng):
+    # One float32 in 512 from -87 to 88 (results in the normal range): ~4.3M values.
+    magnitudes = np.arange(0, np.float32(88.0).view(np.int32), 512, dtype=np.int32).view(np.float32)
+    x = np.concatenate([magnitudes, -magnitudes[magnitudes <= 87.0]])
+    err = ulp_error(exp_all(x), np.exp(x.astype(np.float64)), np.float32)
+    assert err.max() <= 1.01, x[np.argmax(err)]
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63, reason="no 80-bit long double here")
+def test_float64_within_1_ulp(rng):
+    x = np.concatenate([rng.uniform(-708.0, 709.0, 1_000_000), rng.uniform(-1.0, 1.0, 500_000),
+                        rng.uniform(-1e-6, 1e-6, 100_000)])
+    err = ulp_error(exp_all(x), np.exp(x.astype(np.longdouble)), np.float64)
+    assert err.max() <= 1.0, x[np.argmax(err)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_special_values_and_range_ends(dtype):
+    info = np.finfo(dtype)
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e4, -1e4, np.log(info.max) * 1.0001,
+                  np.log(info.max) * 0.9999, np.log(info.tiny), np.log(info.tiny) - 5.0,
+                  np.log(info.smallest_subnormal) - 1.0], dtype=dtype)
+    got = exp_all(x)
+    with np.errstate(over="ignore"):
+        expected = np.exp(x.astype(np.float64 if dtype == np.float32 else np.longdouble))
+        expected = expected.astype(dtype)
+    assert np.isnan(got[2]) and np.isnan(expected[2])
+    keep = ~np.isnan(x)
+    # Overflow, underflow, the signs of infinity and zero exactly; subnormal results to within
+    # one subnormal step (their precision is the step itself).
+    np.testing.assert_array_equal(np.isinf(got[keep]), np.isinf(expected[keep]))
+    np.testing.assert_allclose(got[keep], expected[keep], rtol=2 * info.eps,
+                               atol=info.smallest_subnormal)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_ignores_nan(dtype, rng):
+    x = rng.standard_normal(1001).astype(dtype)
+    assert max_all(x) == x.max()
+    x[[0, 500, 1000]] = np.nan
+    assert max_all(x) == np.nanmax(x)
+    assert max_all(np.full(37, np.nan, dtype)) == -np.inf
+    assert max_all(np.array([-np.inf, np.inf], dtype)) == np.inf
+
+
+# Kernels whose loops call exp, one per statistics pass (row_stats with and without storing the
+# exps, tile_stats, the loss's own), each with arguments that compile it.
+EXP_KERNELS = {
+    "log_softmax_rows": lambda x: (x, np.empty_like(x)),
+    "softmax_rows": lambda x: (x, np.empty_like(x)),
+    "log_softmax_short_rows": lambda x: (x, np.empty_like(x)),
+    "cross_entropy_rows": lambda x: (x, np.zeros(len(x), np.int64), np.ones(x.shape[1], x.dtype),
+                                     float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(len(x)),
+                                     np.empty(len(x)), np.empty_like(x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXP_KERNELS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_loops_vectorise(name, dtype):
+    # exp builds 2**n by shifting integers into the exponent bits: a vector `shl` in the
+    # optimised IR is exp running across SIMD lanes, a vector `llvm.maxnum` the max loop.
+    # (Compiled afresh: Numba cannot show the IR of a kernel loaded from its cache.)
+    from fastlsm import _dispatch
+    kernel = numba.njit(_dispatch.kernel(name).serial.py_func)
+    x = np.ones((4, 100), dtype)
+    kernel(*EXP_KERNELS[name](x))
+    ir = kernel.inspect_llvm(kernel.signatures[0])
+    int_type, float_type = ("i32", "f32") if dtype == np.float32 else ("i64", "f64")
+    lanes = 16 // np.dtype(dtype).itemsize  # SSE's width at least
+    shl = [int(n) for n in re.findall(rf"shl <(\d+) x {int_type}>", ir)]
+    maxnum = [int(n) for n in re.findall(rf"llvm\.maxnum\.v(\d+){float_type}", ir)]
+    assert shl and max(shl) >= lanes, f"exp is not vectorised in {name}"
+    assert maxnum and max(maxnum) >= lanes, f"the max loop is not vectorised in {name}"
