@@ -19,6 +19,16 @@ def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
         return result
     array = d.as_real_array(x, "x")
     axes = d.normalize_axes(axis, array.ndim)
+    columns = d.column_view(array, axes)
+    if columns is not None:
+        result = np.empty_like(array) if out is None else out
+        if out is not None:
+            d.check_out(out, array.shape, array.dtype)
+        result_columns = d.column_view(result, axes)
+        if result_columns is not None and result_columns.strides == columns.strides and (
+                result is array or not np.may_share_memory(result, array)):
+            d.run(kernel.replace("_rows", "_columns"), columns, result_columns)
+            return result
     rows = d.to_rows(array, axes, "x")
     result, target, scratch = d.elementwise_target(rows, out)
     if target.size:
@@ -108,16 +118,22 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False,
         return lse[()] if lse.ndim == 0 else lse
     array = d.as_real_array(x, "x")
     axes = d.normalize_axes(axis, array.ndim)
-    rows = d.to_rows(array, axes, "x")
     kept = tuple(1 if i in axes else n for i, n in enumerate(array.shape))
     shape = kept if keepdims else tuple(n for i, n in enumerate(array.shape) if i not in axes)
+    result_dtype = d.result_dtype(array.dtype, "x")
     if out is not None:
-        d.check_out(out, shape, rows.result_dtype)
-    lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
-    if lse.size:
-        d.run("logsumexp_rows", rows.matrix, lse)
+        d.check_out(out, shape, result_dtype)
+    columns = d.column_view(array, axes)
+    if columns is not None:
+        lse = np.empty(columns.shape[::2], columns.dtype)  # (batch, width): the rows in order
+        d.run("logsumexp_columns", columns, lse)
+    else:
+        rows = d.to_rows(array, axes, "x")
+        lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
+        if lse.size:
+            d.run("logsumexp_rows", rows.matrix, lse)
     if out is None:
-        result = lse.reshape(shape).astype(rows.result_dtype, copy=False)
+        result = lse.reshape(shape).astype(result_dtype, copy=False)
         return result[()] if result.ndim == 0 else result
     out[...] = lse.reshape(shape)
     return out

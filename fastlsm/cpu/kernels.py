@@ -330,6 +330,104 @@ def softmax_backward_rows(grad_output, output, grad_input):
             dst[j] = y[j] * (g[j] - dot)
 
 
+# --- classes along a strided axis ------------------------------------------------------------
+# A ``(batch, classes, width)`` array whose width axis is contiguous: ``axis=0`` of a C-ordered
+# array, the last axis of a Fortran-ordered one, PyTorch's ``(N, C, d)``.  Each row of the
+# softmax problem is a column here; a strip of COLUMN_TILE neighbouring columns is read class by
+# class, every load a contiguous run, with the columns across SIMD lanes -- no transposed copy.
+
+COLUMN_TILE = 64   # columns per strip: 256 B of float32 per class, so a class block stays in L1
+CLASS_BLOCK = 32   # classes per step of the online (max, sum) merge
+
+
+@njit(inline="always")
+def column_strips(x):
+    """Strips per batch entry of a ``(batch, classes, width)`` array."""
+    return (x.shape[2] + COLUMN_TILE - 1) // COLUMN_TILE
+
+
+@njit
+def column_stats(slab, first, last):
+    """``(maxima, shifts, sums)`` of columns ``first:last`` of the ``(classes, width)`` ``slab``:
+    :func:`row_stats` of each column, ``shifts = finite_or_zero(maxima)``, in one read."""
+    width = last - first
+    n_classes = slab.shape[0]
+    maxima = np.full(width, -np.inf, slab.dtype)
+    shifts = np.zeros(width, slab.dtype)
+    sums = np.zeros(width)
+    partial = np.empty(width, slab.dtype)
+    for start in range(0, n_classes, CLASS_BLOCK):
+        stop = min(start + CLASS_BLOCK, n_classes)
+        for c in range(start, stop):
+            column = contiguous_row(slab, c)[first:last]
+            for w in range(width):
+                maxima[w] = max_ignoring_nan(maxima[w], column[w])
+        for w in range(width):
+            shift = finite_or_zero(maxima[w])
+            # In float64: a column's sum may be rescaled once per block.  s == 0 guards the
+            # -inf -> finite step, where exp(0 - shift) can overflow and 0 * inf is nan.
+            rescaled = sums[w] * exp(float(shifts[w]) - float(shift))
+            sums[w] = rescaled if sums[w] != 0.0 else 0.0
+            shifts[w] = shift
+        for group in range(start, stop, SUM_COLUMNS):
+            partial[:] = 0.0
+            for c in range(group, min(group + SUM_COLUMNS, stop)):
+                column = contiguous_row(slab, c)[first:last]
+                for w in range(width):
+                    partial[w] += exp(column[w] - shifts[w])
+            for w in range(width):
+                sums[w] += partial[w]
+    return maxima, shifts, sums
+
+
+@njit(inline="always")
+def strip_bounds(x, task):
+    """``(b, first, last)``: the batch entry and columns of task number ``task``."""
+    strips = column_strips(x)
+    b = task // strips
+    first = (task % strips) * COLUMN_TILE
+    return b, first, min(first + COLUMN_TILE, x.shape[2])
+
+
+@rowwise
+def log_softmax_columns(x, out):
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        slab, dst = x[b], out[b]
+        maxima, shifts, sums = column_stats(slab, first, last)
+        log_sums = np.log(sums).astype(x.dtype)
+        for c in range(slab.shape[0]):
+            column = contiguous_row(slab, c)[first:last]
+            dst_column = contiguous_row(dst, c)[first:last]
+            for w in range(last - first):
+                dst_column[w] = (column[w] - shifts[w]) - log_sums[w]
+
+
+@rowwise
+def softmax_columns(x, out):
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        slab, dst = x[b], out[b]
+        maxima, shifts, sums = column_stats(slab, first, last)
+        # A column whose max is not finite is all nan (SciPy), as in softmax_rows.
+        scales = np.where(np.isfinite(maxima), 1.0 / sums, np.nan).astype(x.dtype)
+        for c in range(slab.shape[0]):
+            column = contiguous_row(slab, c)[first:last]
+            dst_column = contiguous_row(dst, c)[first:last]
+            for w in range(last - first):
+                dst_column[w] = exp(column[w] - shifts[w]) * scales[w]
+
+
+@rowwise
+def logsumexp_columns(x, out):
+    """``out[b, w]``: the log-sum-exp of ``x[b, :, w]``."""
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        maxima, shifts, sums = column_stats(x[b], first, last)
+        for w in range(last - first):
+            out[b, first + w] = float(shifts[w]) + math.log(sums[w])
+
+
 # Square tiles of a 2-D copy: both the source's rows and the destination's stay in cache while a
 # tile is transposed, whatever the two layouts.
 COPY_TILE = 64
