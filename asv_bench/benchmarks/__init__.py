@@ -1,0 +1,1 @@
+"""fastlsm's asv benchmarks; ../README.md says how to run them."""
