@@ -67,6 +67,7 @@ class Layout:
 
     def setup(self, op, layout):
         self.run = _layout_call(op, layout)
+        self.number = self.run.calls_per_sample(0.01)
 
     def time_op(self, op, layout):
         self.run()

@@ -34,7 +34,7 @@ def _contender_call(contender, op, shape):
 
 
 class Contenders:
-    """Seconds per call, float32, on the shapes where the peers differ most (``PEER_SHAPES``)."""
+    """Seconds per call, float32, on ``PEER_SHAPES``."""
 
     params = (CONTENDERS, list(BENCH_OPS), common.PEER_SHAPES)
     param_names = ("contender", "op", "shape")
