@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastlsm.cpu._simd import exp, max_ignoring_nan
+from fastlsm.cpu._simd import exp, exp_summand, max_ignoring_nan
 
 
 @njit
@@ -19,6 +19,14 @@ def exp_all(x):
     out = np.empty_like(x)
     for i in range(x.shape[0]):
         out[i] = exp(x[i])
+    return out
+
+
+@njit
+def exp_summand_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = exp_summand(x[i])
     return out
 
 
@@ -70,6 +78,21 @@ def test_special_values_and_range_ends(dtype):
     np.testing.assert_array_equal(np.isinf(got[keep]), np.isinf(expected[keep]))
     np.testing.assert_allclose(got[keep], expected[keep], rtol=2 * info.eps,
                                atol=info.smallest_subnormal)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_summand_is_exp_down_to_the_smallest_normal(dtype, rng):
+    floor = {np.float32: -87.0, np.float64: -708.0}[dtype]  # just above log(smallest normal)
+    x = np.concatenate([rng.uniform(floor, 0.0, 200_000), [0.0, -0.0, floor],
+                        rng.uniform(2 * floor, floor, 1000), [-1e30, -np.inf]]).astype(dtype)
+    got = exp_summand_all(x)
+    exact = exp_all(x)
+    above = x >= floor
+    np.testing.assert_array_equal(got[above], exact[above])
+    # Below: exp(floor), a normal number, instead of a smaller one or 0 -- never more.
+    np.testing.assert_array_equal(got[~above], exact[x == floor][0])
+    zero_and_nan = exp_summand_all(np.array([0.0, np.nan], dtype))
+    assert zero_and_nan[0] == 1 and np.isnan(zero_and_nan[1])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
