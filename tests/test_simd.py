@@ -14,20 +14,19 @@ from numba import njit
 from fastlsm.cpu._simd import exp, exp_summand, max_ignoring_nan
 
 
-@njit
-def exp_all(x):
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = exp(x[i])
-    return out
+def elementwise(func):
+    """A compiled loop applying the intrinsic ``func`` to each element of a 1-D array."""
+    @njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = func(x[i])
+        return out
+    return apply
 
 
-@njit
-def exp_summand_all(x):
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = exp_summand(x[i])
-    return out
+exp_all = elementwise(exp)
+exp_summand_all = elementwise(exp_summand)
 
 
 @njit
