@@ -27,10 +27,13 @@ PARALLEL_MIN_WORK = 12_000
 SHORT_ROW_CLASSES = 32
 
 _FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
+_NATIVE_FLOATS = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
     """SciPy's rule: floats keep their dtype, integers and bool become float64."""
+    if dtype in _NATIVE_FLOATS:
+        return dtype
     if dtype.kind in "biu":
         return np.dtype(np.float64)
     if dtype.kind == "f":
@@ -78,9 +81,6 @@ def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     if len(set(axes)) != len(axes):
         raise ValueError(f"repeated axis in {name}={axis!r}")
     return tuple(sorted(axes))
-
-
-_NATIVE_FLOATS = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def plain_rows(x, axis) -> bool:

@@ -46,6 +46,8 @@ def _class_axis(array: np.ndarray, axis) -> int:
         raise ValueError("input must have at least 1 dimension (the classes), got a 0-d array")
     if array.ndim == 1 and axis == 1:
         return 0  # PyTorch: a 1-D input is a single row of classes
+    if type(axis) is int and 0 <= axis < array.ndim:
+        return axis
     try:
         index = operator.index(axis)
     except TypeError:
