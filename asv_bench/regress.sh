@@ -26,6 +26,7 @@ set -euo pipefail
 
 usage() { sed -n '4,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
+package=fastlsm     # what the benchmarks import: another project sets its own here
 factor=1.15
 continuous=false
 refs=()
@@ -85,11 +86,11 @@ run_commit() {
     echo "== $name: $(git log -1 --format='%h %s' "$sha")"
     local src="$scratch/$name"
     git worktree add --detach --quiet "$src" "$sha"
-    # An installed fastlsm must not shadow the checkout, or both runs would measure it.
+    # An installed copy must not shadow the checkout, or both runs would measure it.
     local found
-    found=$(cd / && PYTHONPATH="$src" "$python" -c 'import fastlsm; print(fastlsm.__file__)')
+    found=$(cd / && PYTHONPATH="$src" "$python" -c "import $package; print($package.__file__)")
     if [[ $found != "$src/"* ]]; then
-        echo "regress.sh: $python imports fastlsm from $found, not from $src" >&2
+        echo "regress.sh: $python imports $package from $found, not from $src" >&2
         return 1
     fi
     # asv drops PYTHONPATH from the benchmarks' environment and sets ASV_PYTHONPATH in its place.
