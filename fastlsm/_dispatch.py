@@ -2,7 +2,9 @@
 
 Public functions turn their arguments into a :class:`Rows` problem here: the class axes moved to
 the end and the array seen as ``(rows, classes)``, without a copy wherever the memory layout
-allows one.  Kernels only ever see float32/float64 arrays of that 2-D shape.
+allows one.  Kernels only ever see float32/float64 arrays of that 2-D shape, or, for a strided
+class axis whose rows lie side by side in memory, the ``(batch, classes, width)`` view of
+:func:`column_view` that the ``*_columns`` kernels read in place.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Row-wise log_softmax / softmax / logsumexp kernels and their backward passes.
 
-Every kernel takes 2-D arrays whose last axis is the class axis, with contiguous rows (unit column
-stride: the dispatcher guarantees it), and loops over rows with ``prange``; :func:`rowwise` compiles each one twice, as a parallel and as a serial kernel, so the
+Every ``*_rows`` kernel takes 2-D arrays whose last axis is the class axis, with contiguous rows
+(unit column stride: the dispatcher guarantees it), and loops over rows with ``prange``;
+:func:`rowwise` compiles each kernel twice, as a parallel and as a serial kernel, so the
 dispatcher can skip thread start-up on small inputs.
 
 A row is read from memory once for its statistics: it is walked in blocks that fit in L1, each
@@ -11,7 +12,9 @@ second time, from L2 for rows up to ~1 MiB.
 
 Rows of a few classes have a ``*_short_rows`` twin: a loop over one short row is mostly vector
 tails and horizontal reductions, so those kernels take rows a tile at a time and find the tile's
-statistics with the rows across SIMD lanes (:func:`tile_stats`).
+statistics with the rows across SIMD lanes (:func:`tile_stats`).  The ``*_columns`` kernels do
+the same in place for arrays whose class axis is strided and whose rows are side by side in
+memory (:func:`column_stats`).
 """
 
 import math
