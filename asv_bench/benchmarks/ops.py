@@ -38,10 +38,12 @@ class FloorRatio:
 
     Both are timed in the same process in alternation, so the ratio holds still on a shared or
     noisy machine where times move by 1.5x: the regression gate watches these.  float32 only,
-    to keep the suite's running time in bounds.
+    to keep the suite's running time in bounds, and the four shapes larger than the caches: on
+    8x262144 and 32x10 the floor is a copy of microseconds and the ratio measures call overhead,
+    which swings with the machine (``Time`` covers those, with asv's statistics).
     """
 
-    params = (list(common.OPS), common.SHAPES)
+    params = (list(common.OPS), common.SHAPES[:4])
     param_names = ("op", "shape")
     unit = "x floor"
     timeout = 300
