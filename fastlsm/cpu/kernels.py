@@ -148,7 +148,7 @@ def row_max_and_sum(row):
     return row_stats(row, row[:0], row[:0])
 
 
-@njit
+@njit(inline="always")
 def rescale_stored_exps(exps, block_maxima, m, factor):
     """``exps[j] *= exp(shift_b - m) * factor``: the stored exps of :func:`row_stats`, each block
     brought to the row's final (finite) max ``m`` and scaled, e.g. by ``1 / s`` for softmax."""
@@ -252,7 +252,7 @@ def row_dot(a, b):
     return s
 
 
-@njit
+@njit(inline="always")
 def write_log_softmax(row, dst, m, s):
     c = row.dtype.type(finite_or_zero(m))
     log_s = row.dtype.type(math.log(s))

@@ -78,7 +78,7 @@ def _nan_row(loss, grad, i):
         contiguous_row(grad, i)[:] = np.nan
 
 
-@njit
+@njit(inline="always")
 def _write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
     """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``."""
     c_shift = row.dtype.type(shift)
@@ -88,7 +88,7 @@ def _write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
         dst[j] = exp(row[j] - c_shift) * a - weight[j] * b
 
 
-@njit
+@njit(inline="always")
 def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, weight,
                               total_weight, ignore_index, smoothing, z_loss, scale, loss, lse, grad):
     """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, s)`` (:func:`row_stats`).
