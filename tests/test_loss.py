@@ -941,6 +941,23 @@ def test_nonfinite_rows_match_torch(dtype, label_smoothing):
                (len(rows),), "finite mean")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_plain_call_matches_the_general_path(dtype, reduction, rng):
+    # C-ordered (N, C) logits with int64 targets and no weights go straight to the kernel; the
+    # same call with unit weights takes the general path and must agree bit for bit.
+    x = (rng.standard_normal((50, 7)) * 3).astype(dtype)
+    t = rng.integers(0, 7, 50)
+    t[::5] = -100
+    for return_grad in (False, True):
+        plain = fastlsm.cross_entropy(x, t, reduction=reduction, return_grad=return_grad)
+        general = fastlsm.cross_entropy(x, t, np.ones(7), reduction=reduction,
+                                        return_grad=return_grad)
+        for a, b in zip(plain if return_grad else [plain], general if return_grad else [general]):
+            assert type(a) is type(b) and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
 def test_ignore_index_that_is_a_class_keeps_it_in_other_rows_softmax(rng):
     x = rng.standard_normal((6, 4))
     t = np.array([0, 1, 2, 0, 3, 1])
