@@ -3,6 +3,7 @@
 Importing fastlsm is cheap: Numba and the kernels load on the first call.
 """
 
+from fastlsm._devices import get_default_device, set_default_device
 from fastlsm._loss import cross_entropy, nll_loss
 from fastlsm._softmax import (
     log_softmax,
@@ -15,6 +16,8 @@ from fastlsm._softmax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "get_default_device",
+    "set_default_device",
     "cross_entropy",
     "nll_loss",
     "log_softmax",

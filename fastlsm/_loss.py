@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fastlsm import _devices
 from fastlsm import _dispatch as d
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -208,8 +209,8 @@ def _scale(reduction: str, denominator: float) -> float:
 def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, axis: int = 1, return_grad: bool = False,
-                  grad_out: np.ndarray | None = None, z_loss: float = 0.0,
-                  return_lse: bool = False) -> Any:
+                  grad_out: Any = None, z_loss: float = 0.0, return_lse: bool = False,
+                  device: str | None = None) -> Any:
     """Cross-entropy between logits and class indices or class probabilities, fused.
 
     ``log_softmax`` is never materialised: each row of logits is read once for its loss and, with
@@ -262,6 +263,13 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
     0.5106
     """
+    if device is not None or type(input) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(input, device)
+        if other is not None:
+            return other.cross_entropy(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, axis=axis, return_grad=return_grad,
+                                      grad_out=grad_out, z_loss=z_loss,
+                                      return_lse=return_lse)
     if (weight is None and grad_out is None and not return_lse and type(axis) is int
             and axis in (1, -1) and d.plain_rows(input, -1) and input.ndim == 2
             and type(target) is np.ndarray and target.dtype == np.int64
@@ -305,7 +313,8 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
 
 def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None,
              ignore_index: int = -100, reduction: str = "mean", *, axis: int = 1,
-             return_grad: bool = False, grad_out: np.ndarray | None = None) -> Any:
+             return_grad: bool = False, grad_out: Any = None,
+             device: str | None = None) -> Any:
     """Negative log-likelihood of class indices, from log-probabilities (PyTorch's ``nll_loss``).
 
     ``loss_n = -weight[t_n] * input[n, t_n]``; parameters, shapes and reductions as in
@@ -319,6 +328,11 @@ def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = Non
     >>> round(float(fastlsm.nll_loss(logp, np.array([0, 1]))), 4)
     0.4904
     """
+    if device is not None or type(input) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(input, device)
+        if other is not None:
+            return other.nll_loss(input, target, weight, ignore_index, reduction, axis=axis,
+                                 return_grad=return_grad, grad_out=grad_out)
     ignore_index = _check_options(ignore_index, reduction, 0.0, 0.0)[0]
     logits = _logits(input, weight, axis, grad_out)
     target = np.asarray(target)

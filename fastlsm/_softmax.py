@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fastlsm import _devices
 from fastlsm import _dispatch as d
 
 Axis = int | tuple[int, ...] | None
@@ -36,7 +37,8 @@ def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
     return d.finish_elementwise(rows, result, target, scratch, out)
 
 
-def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
+def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
+                device: str | None = None) -> Any:
     """Logarithm of the softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
 
     Parameters
@@ -67,10 +69,15 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None)
     array([[-0.417 , -1.417 , -2.317 ],
            [-2.1041, -0.6041, -1.1041]])
     """
+    if device is not None or type(x) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(x, device)
+        if other is not None:
+            return other.log_softmax(x, axis, out=out)
     return _elementwise("log_softmax_rows", x, axis, out)
 
 
-def softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> np.ndarray:
+def softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
+            device: str | None = None) -> Any:
     """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
 
     Parameters and dtypes as in :func:`log_softmax`.  As in ``scipy.special.softmax``, a row whose
@@ -82,11 +89,15 @@ def softmax(x: ArrayLike, axis: Axis = -1, *, out: np.ndarray | None = None) -> 
     >>> fastlsm.softmax([1.0, 1.0]).tolist()
     [0.5, 0.5]
     """
+    if device is not None or type(x) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(x, device)
+        if other is not None:
+            return other.softmax(x, axis, out=out)
     return _elementwise("softmax_rows", x, axis, out)
 
 
-def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False,
-              out: np.ndarray | None = None) -> Any:
+def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any = None,
+              device: str | None = None) -> Any:
     """``log(sum(exp(x)))`` along ``axis``, computed without overflow.
 
     Parameters
@@ -112,6 +123,10 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False,
     >>> float(fastlsm.logsumexp([0.0, 0.0]))  # log(2)
     0.6931471805599453
     """
+    if device is not None or type(x) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(x, device)
+        if other is not None:
+            return other.logsumexp(x, axis, keepdims=keepdims, out=out)
     if out is None and not keepdims and d.plain_rows(x, axis):
         lse = np.empty(x.shape[:-1], x.dtype)
         d.run("logsumexp_rows", x.reshape(-1, x.shape[-1]), lse.reshape(-1))
@@ -156,7 +171,8 @@ def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis
     return d.finish_elementwise(g_rows, result, target, scratch, None)
 
 
-def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:
+def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1, *,
+                         device: str | None = None) -> Any:
     """Vector-Jacobian product of :func:`log_softmax`: ``g - exp(y) * sum(g)`` along ``axis``.
 
     Parameters
@@ -180,10 +196,15 @@ def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis =
     >>> fastlsm.log_softmax_backward(np.array([1.0, 0.0]), y).tolist()
     [0.5, -0.5]
     """
+    if device is not None or type(grad_output) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(grad_output, device)
+        if other is not None:
+            return other.log_softmax_backward(grad_output, output, axis)
     return _backward("log_softmax_backward_rows", grad_output, output, axis)
 
 
-def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1) -> np.ndarray:
+def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1, *,
+                     device: str | None = None) -> Any:
     """Vector-Jacobian product of :func:`softmax`: ``y * (g - sum(g * y))`` along ``axis``.
 
     Parameters as in :func:`log_softmax_backward`, with ``output = softmax(x, axis)``.
@@ -195,4 +216,8 @@ def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1)
     >>> fastlsm.softmax_backward(np.array([1.0, 0.0]), y).tolist()
     [0.25, -0.25]
     """
+    if device is not None or type(grad_output) is not np.ndarray or _devices.default_device:
+        other = _devices.backend(grad_output, device)
+        if other is not None:
+            return other.softmax_backward(grad_output, output, axis)
     return _backward("softmax_backward_rows", grad_output, output, axis)

@@ -1,0 +1,550 @@
+"""The public functions on an NVIDIA GPU: the same validation as on the CPU, then
+:mod:`fastlsm.cuda.kernels`.
+
+Device inputs are used in place (no host round-trip) and results are allocated by the input's
+own library, so they come back as the same kind of array: CuPy in, CuPy out; PyTorch in, PyTorch
+out; a Numba device array otherwise.  NumPy input (``device="cuda"``) is copied over and its
+results copied back.  Targets, weights and probability targets given on the host follow the
+logits to the GPU.  Kernels run on the default stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastlsm import _dispatch as d
+from fastlsm import _loss
+from fastlsm._devices import is_cuda_array
+
+_TORCH_DTYPES = ("float16", "float32", "float64", "int64")
+
+
+@functools.cache
+def _cuda():
+    try:
+        from numba import cuda
+    except ImportError as exc:  # pragma: no cover - numba always ships numba.cuda
+        raise RuntimeError(f"device='cuda' needs numba-cuda ({exc}); pip install "
+                           "'fastlsm[cuda]'") from None
+    if not cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but no usable CUDA GPU and driver were "
+                           "found (numba.cuda.is_available() is False); use device='cpu'")
+    return cuda
+
+
+@functools.cache
+def _kernels():
+    _cuda()
+    from fastlsm.cuda import kernels
+    return kernels
+
+
+@dataclass
+class _Array:
+    """A caller's array seen as a C-ordered device array (``view``), and whose it was."""
+    view: Any       # numba device array (the simulator's in CI)
+    library: str    # "numpy" (copied over), "numba", "cupy" or "torch"
+    owner: Any      # the caller's object, or the contiguous copy made of it
+
+
+def _library(x) -> str:
+    module = type(x).__module__
+    if module.startswith("torch"):
+        return "torch"
+    if module.startswith("cupy"):
+        return "cupy"
+    return "numba"
+
+
+def _device_array(x, name: str) -> _Array:
+    """``x`` on the device, C-ordered; dtypes are checked (real numbers; any integers for a
+    ``target``) before anything is copied.
+
+    Device arrays of CuPy and PyTorch that are not C-ordered are made so by their own library, on
+    the device; a Numba device array must already be.  Anything else goes through NumPy and is
+    copied over.
+    """
+    cuda = _cuda()
+    if not is_cuda_array(x):
+        host = np.asarray(x) if name == "target" else d.as_real_array(x, name)
+        host = np.ascontiguousarray(host)
+        return _Array(cuda.to_device(host), "numpy", host)
+    library = _library(x)
+    owner = x
+    if library == "torch":
+        owner = x.detach()
+        if not owner.is_contiguous():
+            owner = owner.contiguous()
+    elif library == "cupy" and not x.flags.c_contiguous:
+        import cupy
+        owner = cupy.ascontiguousarray(x)
+    view = cuda.as_cuda_array(owner) if hasattr(owner, "__cuda_array_interface__") else owner
+    if not view.is_c_contiguous():
+        raise ValueError(f"{name} is a device array that is not C-contiguous; fastlsm reads device "
+                         "arrays in place and needs C order (make a contiguous copy first)")
+    if name != "target":
+        d.result_dtype(view.dtype, name)
+    return _Array(view, library, owner)
+
+
+def _empty(shape: tuple[int, ...], dtype, like: _Array):
+    """``(result, view)``: a new array of ``like``'s library and its device view."""
+    dtype = np.dtype(dtype)
+    if like.library == "cupy":
+        import cupy
+        result = cupy.empty(shape, dtype)
+        return result, _cuda().as_cuda_array(result)
+    if like.library == "torch" and dtype.name in _TORCH_DTYPES:
+        import torch
+        result = torch.empty(shape, dtype=getattr(torch, dtype.name), device=like.owner.device)
+        return result, _cuda().as_cuda_array(result)
+    result = _cuda().device_array(shape, dtype)
+    return result, result
+
+
+def _handed_back(result, like: _Array):
+    """The result as the caller gets it: copied to the host for NumPy input."""
+    if like.library == "numpy":
+        host = result.copy_to_host()
+        return host[()] if host.ndim == 0 else host
+    return result
+
+
+def _out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: _Array, name: str):
+    """The device view to write for a caller's ``out``; a NumPy ``out`` for NumPy input gets a
+    device buffer, copied into it by :func:`_deliver`."""
+    if like.library == "numpy":
+        d.check_out(out, shape, dtype, name)
+        return _cuda().device_array(shape, dtype)
+    if not is_cuda_array(out):
+        raise TypeError(f"{name} must be a device array for device input, got "
+                        f"{type(out).__name__}")
+    view = _device_array(out, name).view
+    if tuple(view.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(view.shape)}, expected {shape}")
+    if view.dtype != dtype:
+        raise ValueError(f"{name} has dtype {view.dtype}, expected {dtype}")
+    if _library(out) == "torch" and not out.is_contiguous() or (
+            _library(out) == "cupy" and not out.flags.c_contiguous):
+        raise ValueError(f"{name} must be C-contiguous")
+    return view
+
+
+def _deliver(view, out, like: _Array):
+    """Hand back the caller's ``out``, filled from ``view`` where it is a host array."""
+    if like.library == "numpy":
+        view.copy_to_host(out)
+    return out
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+@dataclass
+class _Rows:
+    """A device array as ``(rows, classes)`` with contiguous rows, in its compute dtype.
+
+    ``inner > 1`` where the class axis is not last: ``matrix`` is then a transposed copy of the
+    ``(outer, classes, inner)`` array, its rows in the order of the remaining axes.
+    """
+    matrix: Any
+    outer: int
+    classes: int
+    inner: int
+    result_dtype: np.dtype
+
+
+def _launch_1d(n: int) -> tuple[int, int]:
+    threads = 256
+    return max(1, min(-(-n // threads), 65535)), threads
+
+
+def _cast(src, dtype):
+    """A C-ordered copy of ``src`` in ``dtype``, made on the device."""
+    dst = _cuda().device_array(src.shape, dtype)
+    if src.size:
+        blocks, threads = _launch_1d(src.size)
+        _kernels().cast[blocks, threads](src.reshape(src.size), dst.reshape(src.size))
+    return dst
+
+
+def _swap_last_axes(src, dst) -> None:
+    """``dst = src.swapaxes(1, 2)`` for 3-D device arrays (a tiled transposing copy)."""
+    batch, n, m = src.shape
+    if src.size == 0:
+        return
+    k = _kernels()
+    grid = (-(-m // k.TILE), -(-n // k.TILE), min(batch, 65535))
+    k.swap_last_axes[grid, (k.TILE, 8)](src, dst)
+
+
+def _split(shape: tuple[int, ...], axes: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    """``(outer, classes, inner)`` of a C-ordered array reduced over ``axes``."""
+    first, last = axes[0], axes[-1]
+    if last - first + 1 != len(axes):
+        raise ValueError(f"on a CUDA device the class axes of {name} must be adjacent, got {axes}")
+    return math.prod(shape[:first]), math.prod(shape[first:last + 1]), math.prod(shape[last + 1:])
+
+
+def _rows(array: _Array, axes: tuple[int, ...], name: str) -> _Rows:
+    view = array.view
+    shape = tuple(view.shape) or (1,)
+    rdtype = d.result_dtype(view.dtype, name)
+    cdtype = d.compute_dtype(rdtype)
+    outer, classes, inner = _split(shape, axes, name)
+    if view.dtype != cdtype:
+        view = _cast(view, cdtype)
+    if inner == 1:
+        return _Rows(view.reshape(outer, classes), outer, classes, 1, rdtype)
+    matrix = _cuda().device_array((outer, inner, classes), cdtype)
+    _swap_last_axes(view.reshape(outer, classes, inner), matrix)
+    return _Rows(matrix.reshape(outer * inner, classes), outer, classes, inner, rdtype)
+
+
+def _matrix_target(rows: _Rows, dst):
+    """Where a kernel writes an elementwise result bound for ``dst`` (a C-ordered device array of
+    the input's shape): ``dst`` itself seen as rows, or a scratch matrix for :func:`_unrows`."""
+    if rows.inner == 1 and dst.dtype == rows.matrix.dtype:
+        return dst.reshape(rows.outer, rows.classes)
+    return _cuda().device_array((rows.outer * rows.inner, rows.classes), rows.matrix.dtype)
+
+
+def _unrows(rows: _Rows, target, dst) -> None:
+    """Copy a kernel's ``(rows, classes)`` result into ``dst`` unless it wrote there already."""
+    if rows.inner == 1 and dst.dtype == target.dtype:
+        return
+    flat = dst.reshape(dst.size)
+    if rows.inner > 1:
+        swapped = (_cuda().device_array(dst.shape, target.dtype)
+                   if dst.dtype != target.dtype else dst)
+        _swap_last_axes(target.reshape(rows.outer, rows.inner, rows.classes),
+                        swapped.reshape(rows.outer, rows.classes, rows.inner))
+        target = swapped
+        if swapped is dst:
+            return
+    blocks, threads = _launch_1d(flat.size)
+    _kernels().cast[blocks, threads](target.reshape(flat.size), flat)
+
+
+# --- launching ---------------------------------------------------------------------------------
+
+MIN_BLOCK = 64
+MAX_BLOCK = 1024
+ROWS_PER_BLOCK = 8  # warps (rows) in a block of the warp-per-row kernels
+
+
+@functools.cache
+def _max_threads(kernel, signature) -> int:
+    return kernel.compile(signature).max_threads_per_block
+
+
+def _launch_rows(name: str, n_rows: int, n_classes: int, *args) -> None:
+    """Run row kernel ``name``: a warp per row for rows that fit the warp's registers, else a
+    block per row of ``ceil(classes / VALUES)`` threads, within what its registers allow."""
+    if n_rows == 0:
+        return
+    k = _kernels()
+    kernel = getattr(k, name)
+    warp_rows = n_classes <= k.WARP * k.VALUES
+    args = (*args, warp_rows)
+    if warp_rows:
+        kernel[-(-n_rows // ROWS_PER_BLOCK), ROWS_PER_BLOCK * k.WARP](*args)
+        return
+    threads = min(MAX_BLOCK, max(MIN_BLOCK, -(-n_classes // (k.VALUES * k.WARP)) * k.WARP))
+    typeof = getattr(kernel, "typeof_pyval", None)
+    if typeof is not None:  # the simulator has no registers to run out of
+        limit = _max_threads(kernel, tuple(typeof(a) for a in args))
+        threads = min(threads, limit // k.WARP * k.WARP)
+    kernel[n_rows, threads](*args)
+
+
+# --- log_softmax, softmax, logsumexp and the backward passes ------------------------------------
+
+def _elementwise(kernel: str, x, axis, out):
+    array = _device_array(x, "x")
+    axes = d.normalize_axes(axis, len(array.view.shape))
+    rows = _rows(array, axes, "x")
+    shape = tuple(array.view.shape)
+    if out is None:
+        result, dst = _empty(shape, rows.result_dtype, array)
+    else:
+        result, dst = out, _out_view(out, shape, rows.result_dtype, array, "out")
+    target = _matrix_target(rows, dst)
+    _launch_rows(kernel, rows.matrix.shape[0], rows.classes, rows.matrix, target)
+    _unrows(rows, target, dst)
+    if out is not None:
+        return _deliver(dst, out, array)
+    return _handed_back(result, array)
+
+
+def log_softmax(x, axis=-1, *, out=None):
+    return _elementwise("log_softmax_rows", x, axis, out)
+
+
+def softmax(x, axis=-1, *, out=None):
+    return _elementwise("softmax_rows", x, axis, out)
+
+
+def logsumexp(x, axis=-1, *, keepdims=False, out=None):
+    array = _device_array(x, "x")
+    shape = tuple(array.view.shape)
+    axes = d.normalize_axes(axis, len(shape))
+    rows = _rows(array, axes, "x")
+    kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    result_shape = kept if keepdims else tuple(n for i, n in enumerate(shape) if i not in axes)
+    if out is None:
+        result, dst = _empty(result_shape, rows.result_dtype, array)
+    else:
+        result, dst = out, _out_view(out, result_shape, rows.result_dtype, array, "out")
+    n_rows = rows.matrix.shape[0]
+    lse = (dst.reshape(n_rows) if dst.dtype == rows.matrix.dtype
+           else _cuda().device_array(n_rows, rows.matrix.dtype))
+    if rows.classes == 0:
+        lse.copy_to_device(np.full(n_rows, -np.inf, lse.dtype))
+    _launch_rows("logsumexp_rows", n_rows, rows.classes, rows.matrix, lse)
+    if dst.dtype != lse.dtype and n_rows:
+        blocks, threads = _launch_1d(n_rows)
+        _kernels().cast[blocks, threads](lse, dst.reshape(n_rows))
+    if out is not None:
+        return _deliver(dst, out, array)
+    return _handed_back(result, array)
+
+
+def _backward(kernel: str, grad_output, output, axis):
+    g = _device_array(grad_output, "grad_output")
+    y = _device_array(output, "output")
+    if tuple(g.view.shape) != tuple(y.view.shape):
+        raise ValueError(f"grad_output has shape {tuple(g.view.shape)} but output has shape "
+                         f"{tuple(y.view.shape)}; they must match")
+    dtype = np.result_type(d.result_dtype(g.view.dtype, "grad_output"),
+                           d.result_dtype(y.view.dtype, "output"))
+    if g.view.dtype != dtype:
+        g.view = _cast(g.view, dtype)
+    if y.view.dtype != dtype:
+        y.view = _cast(y.view, dtype)
+    axes = d.normalize_axes(axis, len(g.view.shape))
+    g_rows, y_rows = _rows(g, axes, "grad_output"), _rows(y, axes, "output")
+    result, dst = _empty(tuple(g.view.shape), g_rows.result_dtype, g)
+    target = _matrix_target(g_rows, dst)
+    _launch_rows(kernel, g_rows.matrix.shape[0], g_rows.classes, g_rows.matrix, y_rows.matrix,
+                 target)
+    _unrows(g_rows, target, dst)
+    return _handed_back(result, g)
+
+
+def log_softmax_backward(grad_output, output, axis=-1):
+    return _backward("log_softmax_backward_rows", grad_output, output, axis)
+
+
+def softmax_backward(grad_output, output, axis=-1):
+    return _backward("softmax_backward_rows", grad_output, output, axis)
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _unit_weight(n_classes: int, dtype: np.dtype):
+    return _cuda().to_device(np.ones(n_classes, dtype))
+
+
+def _weight(weight, n_classes: int, dtype: np.dtype):
+    """``(weights on the device in dtype, their sum)``."""
+    if weight is None:
+        return _unit_weight(n_classes, dtype), float(n_classes)
+    w = _device_array(weight, "weight").view
+    if tuple(w.shape) != (n_classes,):
+        raise ValueError(f"weight should be a 1-D array of {n_classes} elements (one per class), "
+                         f"got shape {tuple(w.shape)}")
+    if w.dtype != dtype:
+        w = _cast(w, dtype)
+    return w, _device_sum(w)
+
+
+def _device_sum(values, divisor: float = 1.0) -> float:
+    total = _cuda().device_array(1, np.float64)
+    _kernels().sum_rows[1, _kernels().SUM_THREADS](values, divisor, total)
+    return float(total.copy_to_host()[0])
+
+
+@dataclass
+class _Loss:
+    """Validated loss arguments on the device."""
+    logits: _Array
+    rows: _Rows
+    class_axis: int
+    row_shape: tuple[int, ...]
+    weight: Any
+    total_weight: float
+
+
+def _loss_inputs(input, weight, axis) -> _Loss:
+    logits = _device_array(input, "input")
+    shape = tuple(logits.view.shape)
+    class_axis = _loss._class_axis(_ShapeOnly(shape, logits.view.dtype), axis)
+    rows = _rows(logits, (class_axis,), "input")
+    w, total = _weight(weight, shape[class_axis], rows.matrix.dtype)
+    return _Loss(logits, rows, class_axis, shape[:class_axis] + shape[class_axis + 1:], w, total)
+
+
+@dataclass
+class _ShapeOnly:
+    """What the shared shape checks of :mod:`fastlsm._loss` read of an array."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _class_targets(target, loss: _Loss, ignore_index: int):
+    """Flat int64 targets on the device, range-checked there, and the ``mean`` denominator."""
+    t = _device_array(target, "target")
+    if t.view.dtype.kind not in "iu":
+        hint = (" (a float target of the input's shape holds class probabilities)"
+                if t.view.dtype.kind == "f" else "")
+        raise TypeError(f"target must hold integer class indices, got dtype {t.view.dtype}{hint}")
+    shape = tuple(t.view.shape)
+    _loss._check_target_shape(_LossShapes(loss), _ShapeOnly(shape, t.view.dtype))
+    n = math.prod(shape)
+    flat = t.view.reshape(n)
+    if flat.dtype != np.int64:
+        flat = _cast(flat, np.int64)
+    cuda = _cuda()
+    kept_weight = cuda.device_array(n, np.float64)
+    first_bad = cuda.to_device(np.array([n], np.int64))
+    if n:
+        blocks, threads = _launch_1d(n)
+        _kernels().check_targets[-(-n // threads), threads](flat, loss.weight, ignore_index,
+                                                           kept_weight, first_bad)
+    bad = int(first_bad.copy_to_host()[0])
+    if bad < n:
+        value = int(flat[bad:bad + 1].copy_to_host()[0])
+        position = [int(k) for k in np.unravel_index(bad, shape)] if shape else []
+        raise IndexError(f"Target {value} is out of bounds. (target{position} with "
+                         f"{loss.rows.classes} classes)")
+    return flat, _device_sum(kept_weight) if n else 0.0
+
+
+@dataclass
+class _LossShapes:
+    """The view of a :class:`_Loss` that ``fastlsm._loss._check_target_shape`` reads."""
+    loss: _Loss
+
+    @property
+    def array(self):
+        return _ShapeOnly(tuple(self.loss.logits.view.shape), self.loss.logits.view.dtype)
+
+    @property
+    def class_axis(self):
+        return self.loss.class_axis
+
+    @property
+    def row_shape(self):
+        return self.loss.row_shape
+
+
+def _grad_target(loss: _Loss, want_grad: bool, grad_out):
+    """``(result, dst, target)`` for the gradient, or Nones and a ``(0, 0)`` target."""
+    rows = loss.rows
+    if not want_grad:
+        return None, None, _cuda().device_array((0, 0), rows.matrix.dtype)
+    shape = tuple(loss.logits.view.shape)
+    if grad_out is None:
+        result, dst = _empty(shape, rows.result_dtype, loss.logits)
+    else:
+        result, dst = grad_out, _out_view(grad_out, shape, rows.result_dtype, loss.logits,
+                                          "grad_out")
+    return result, dst, _matrix_target(rows, dst)
+
+
+def _reduced(per_row, reduction: str, denominator: float, loss: _Loss):
+    """The per-row float64 losses reduced on the device, in the result dtype."""
+    dtype = loss.rows.result_dtype
+    if reduction == "none":
+        result, dst = _empty(loss.row_shape, dtype, loss.logits)
+        if per_row.size:
+            blocks, threads = _launch_1d(per_row.size)
+            _kernels().cast[blocks, threads](per_row, dst.reshape(per_row.size))
+        return result
+    result, dst = _empty((), dtype, loss.logits)
+    divisor = denominator if reduction == "mean" else 1.0
+    _kernels().sum_rows[1, _kernels().SUM_THREADS](per_row, divisor, dst.reshape(1))
+    return result
+
+
+def _finish(loss: _Loss, value, grad, grad_out, lse):
+    """``value``, then the gradient and the log-sum-exps where asked for, as the caller gets them."""
+    like = loss.logits
+    results = [_handed_back(value, like)]
+    if grad is not None:
+        result, dst, target = grad
+        _unrows(loss.rows, target, dst)
+        results.append(_handed_back(result, like) if grad_out is None
+                       else _deliver(dst, grad_out, like))
+    if lse is not None:
+        lse_result, dst = _empty(loss.row_shape, loss.rows.result_dtype, like)
+        if lse.size:
+            blocks, threads = _launch_1d(lse.size)
+            _kernels().cast[blocks, threads](lse, dst.reshape(lse.size))
+        results.append(_handed_back(lse_result, like))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, axis=1, return_grad=False, grad_out=None, z_loss=0.0,
+                  return_lse=False):
+    ignore_index, label_smoothing, z_loss = _loss._check_options(ignore_index, reduction,
+                                                                 label_smoothing, z_loss)
+    loss = _loss_inputs(input, weight, axis)
+    rows = loss.rows
+    n_rows = rows.matrix.shape[0]
+    cuda = _cuda()
+    per_row = cuda.device_array(n_rows, np.float64)
+    lse = cuda.device_array(n_rows, rows.matrix.dtype)
+    target_shape = tuple(target.shape) if hasattr(target, "shape") else np.shape(target)
+    want_grad = return_grad or grad_out is not None
+    if target_shape == tuple(loss.logits.view.shape) and loss.logits.view.ndim > 0:
+        probs = _device_array(target, "target")
+        if probs.view.dtype.kind != "f":
+            raise TypeError("Expected floating point type for target with class probabilities, "
+                            f"got {probs.view.dtype}")
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported for floating point target")
+        if probs.view.dtype != rows.matrix.dtype:
+            probs.view = _cast(probs.view, rows.matrix.dtype)
+        y = _rows(probs, (loss.class_axis,), "target").matrix
+        denominator = float(n_rows)
+        grad = _grad_target(loss, want_grad, grad_out)
+        _launch_rows("cross_entropy_probs_rows", n_rows, rows.classes, rows.matrix, y,
+                     loss.weight, label_smoothing, z_loss, _loss._scale(reduction, denominator),
+                     per_row, lse, grad[2])
+    else:
+        flat, denominator = _class_targets(target, loss, ignore_index)
+        grad = _grad_target(loss, want_grad, grad_out)
+        _launch_rows("cross_entropy_rows", n_rows, rows.classes, rows.matrix, flat, loss.weight,
+                     loss.total_weight, ignore_index, label_smoothing, z_loss,
+                     _loss._scale(reduction, denominator), per_row, lse, grad[2])
+    value = _reduced(per_row, reduction, denominator, loss)
+    return _finish(loss, value, grad if want_grad else None, grad_out,
+                   lse if return_lse else None)
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *, axis=1,
+             return_grad=False, grad_out=None):
+    ignore_index = _loss._check_options(ignore_index, reduction, 0.0, 0.0)[0]
+    loss = _loss_inputs(input, weight, axis)
+    rows = loss.rows
+    flat, denominator = _class_targets(target, loss, ignore_index)
+    want_grad = return_grad or grad_out is not None
+    grad = _grad_target(loss, want_grad, grad_out)
+    per_row = _cuda().device_array(rows.matrix.shape[0], np.float64)
+    _launch_rows("nll_loss_rows", rows.matrix.shape[0], rows.classes, rows.matrix, flat,
+                 loss.weight, ignore_index, _loss._scale(reduction, denominator), per_row,
+                 grad[2])
+    value = _reduced(per_row, reduction, denominator, loss)
+    return _finish(loss, value, grad if want_grad else None, grad_out, None)

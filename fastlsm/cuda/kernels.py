@@ -1,0 +1,481 @@
+"""CUDA kernels (numba-cuda): the GPU twins of :mod:`fastlsm.cpu.kernels` and :mod:`fastlsm.cpu.loss`.
+
+Every row kernel takes C-ordered ``(rows, classes)`` device arrays and hands each row to a
+*group* of threads: one warp for rows of up to ``WARP * VALUES`` classes (several rows to a
+block), or a whole block for longer rows (``warp_rows`` says which).  Element ``j`` of a row
+belongs to thread ``j % size`` of its group, which keeps its first ``VALUES`` elements in
+registers (``cached``, fully unrolled: no local memory, checked on the PTX by the tests).  So a
+row that fits is read from memory once and written once; the part of a longer row beyond
+``VALUES * size`` elements is streamed with the online (max, sum) merge and read again to write.
+
+Reductions inside a group are warp shuffles (``shfl_xor_sync``) and, across the warps of a
+block, a fixed-order pass over shared memory: the result never depends on timing.  Sums of
+exponentials are float64; the exponentials themselves are computed in the row's dtype.
+
+Non-finite rows follow SciPy (log_softmax, softmax, logsumexp) or PyTorch (the losses), exactly
+as the CPU kernels do; see :func:`row_stats`.
+"""
+
+import math
+
+from numba import cuda, float64, int64
+
+WARP = 32
+VALUES = 32   # row elements each thread holds in registers
+UNROLL = 4    # loads in flight per thread while streaming the rest of a long row
+FULL_MASK = 0xFFFFFFFF
+SUM_THREADS = 1024  # the one block of the deterministic reductions over rows
+
+
+@cuda.jit(device=True)
+def max_nan(a, b):
+    """The larger of ``a`` and ``b``, nan if either is nan (a nan row must stay nan)."""
+    return a if a > b or a != a else b
+
+
+@cuda.jit(device=True)
+def row_group(warp_rows):
+    """``(row, rank, size)``: this thread's row, its index in the row's group, the group size."""
+    if warp_rows:
+        rows_per_block = cuda.blockDim.x // WARP
+        row = int64(cuda.blockIdx.x) * rows_per_block + cuda.threadIdx.x // WARP
+        return row, cuda.threadIdx.x % WARP, WARP
+    return int64(cuda.blockIdx.x), cuda.threadIdx.x, cuda.blockDim.x
+
+
+@cuda.jit(device=True)
+def group_max(v, warp_rows, scratch):
+    """The max of ``v`` over the row's group (float64), nan if any is nan."""
+    for offset in (16, 8, 4, 2, 1):
+        v = max_nan(v, cuda.shfl_xor_sync(FULL_MASK, v, offset))
+    if warp_rows:
+        return float64(v)
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[cuda.threadIdx.x // WARP] = v
+    cuda.syncthreads()
+    total = scratch[0]
+    for w in range(1, cuda.blockDim.x // WARP):
+        total = max_nan(total, scratch[w])
+    cuda.syncthreads()  # every thread has read `scratch` before a later call writes it
+    return total
+
+
+@cuda.jit(device=True)
+def group_sum(v, warp_rows, scratch):
+    """The float64 sum of ``v`` over the row's group, in a fixed order."""
+    v = float64(v)
+    for offset in (16, 8, 4, 2, 1):
+        v += cuda.shfl_xor_sync(FULL_MASK, v, offset)
+    if warp_rows:
+        return v
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[cuda.threadIdx.x // WARP] = v
+    cuda.syncthreads()
+    total = scratch[0]
+    for w in range(1, cuda.blockDim.x // WARP):
+        total += scratch[w]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def finite_or_zero(m):
+    # SciPy shifts by the max only where it is finite: a +inf or all -inf row is shifted by 0.
+    return m if math.isfinite(m) else 0.0
+
+
+@cuda.jit(device=True)
+def log_of_sum(s):
+    """``log(s)``, -inf for an empty or all -inf row's 0 (spelt out: Python's log raises there,
+    and the CUDA simulator runs these kernels as Python)."""
+    return math.log(s) if s > 0.0 else (-math.inf if s == 0.0 else math.nan)
+
+
+@cuda.jit(device=True)
+def load_row(x, row, rank, size, cached):
+    """Fill ``cached`` with this thread's first ``VALUES`` elements (-inf past the row's end)
+    and return their max."""
+    n = x.shape[1]
+    low = x.dtype.type(-math.inf)
+    m = low
+    for k in range(VALUES):
+        j = rank + k * size
+        v = x[row, j] if j < n else low
+        cached[k] = v
+        m = max_nan(m, v)
+    return m
+
+
+@cuda.jit(device=True)
+def stream_stats(x, row, rank, size):
+    """``(m, s)`` of this thread's elements beyond the cached ones: the max and ``sum(exp(x - m))``
+    (0 while ``m`` is -inf), merged online ``UNROLL`` loads at a time."""
+    n = x.shape[1]
+    low = x.dtype.type(-math.inf)
+    m = low
+    s = 0.0
+    step = size * UNROLL
+    for start in range(rank + VALUES * size, n, step):
+        a = x[row, start]
+        b = x[row, start + size] if start + size < n else low
+        c = x[row, start + 2 * size] if start + 2 * size < n else low
+        d = x[row, start + 3 * size] if start + 3 * size < n else low
+        chunk = max_nan(max_nan(a, b), max_nan(c, d))
+        if chunk > m or chunk != chunk:
+            s *= math.exp(m - chunk)  # 0 * 0 while m was -inf
+            m = chunk
+        if m != low:  # all -inf so far: exp(-inf - -inf) would be nan
+            s += math.exp(a - m) + math.exp(b - m) + math.exp(c - m) + math.exp(d - m)
+    return m, s
+
+
+@cuda.jit(device=True)
+def row_stats(x, row, rank, size, cached, warp_rows, scratch):
+    """``(m, s)`` of the row: its max (float64, nan if it holds a nan) and
+    ``s = sum(exp(x - finite_or_zero(m)))`` (float64), the same in every thread of the group.
+
+    Fills ``cached`` (:func:`load_row`).  A row whose max is not finite sums ``exp(x)`` again
+    from memory: SciPy's answers for it (inf, nan) come from that unshifted sum.
+    """
+    m_cached = load_row(x, row, rank, size, cached)
+    m_stream, s_stream = stream_stats(x, row, rank, size)
+    m = group_max(max_nan(m_cached, m_stream), warp_rows, scratch)
+    s = 0.0
+    if math.isfinite(m):
+        shift = x.dtype.type(m)
+        for k in range(VALUES):
+            s += math.exp(cached[k] - shift)
+        if m_stream != x.dtype.type(-math.inf):
+            s += s_stream * math.exp(m_stream - shift)
+    else:
+        for k in range(VALUES):
+            s += math.exp(cached[k])
+        for j in range(rank + VALUES * size, x.shape[1], size):
+            s += math.exp(x[row, j])
+    return m, group_sum(s, warp_rows, scratch)
+
+
+@cuda.jit(device=True)
+def row_in_range(x, row):
+    return row < x.shape[0]
+
+
+@cuda.jit(cache=True)
+def log_softmax_rows(x, out, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    shift = x.dtype.type(finite_or_zero(m))
+    log_s = x.dtype.type(log_of_sum(s))
+    n = x.shape[1]
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            out[row, j] = (cached[k] - shift) - log_s
+    for j in range(rank + VALUES * size, n, size):
+        out[row, j] = (x[row, j] - shift) - log_s
+
+
+@cuda.jit(cache=True)
+def softmax_rows(x, out, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    n = x.shape[1]
+    if not math.isfinite(m):  # SciPy: exp(x - max) / sum is nan throughout
+        for j in range(rank, n, size):
+            out[row, j] = math.nan
+        return
+    shift = x.dtype.type(m)
+    inverse = x.dtype.type(1.0 / s)
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            out[row, j] = math.exp(cached[k] - shift) * inverse
+    for j in range(rank + VALUES * size, n, size):
+        out[row, j] = math.exp(x[row, j] - shift) * inverse
+
+
+@cuda.jit(cache=True)
+def logsumexp_rows(x, out, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    if rank == 0:
+        out[row] = finite_or_zero(m) + log_of_sum(s)
+
+
+@cuda.jit(cache=True)
+def log_softmax_backward_rows(grad_output, output, grad_input, warp_rows):
+    # grad_input = g - exp(y) * sum(g)
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(grad_output, row):
+        return
+    g = cuda.local.array(VALUES, grad_output.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    n = grad_output.shape[1]
+    partial = 0.0
+    for k in range(VALUES):
+        j = rank + k * size
+        g[k] = grad_output[row, j] if j < n else 0.0
+        partial += g[k]
+    for j in range(rank + VALUES * size, n, size):
+        partial += grad_output[row, j]
+    total = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            grad_input[row, j] = g[k] - math.exp(output[row, j]) * total
+    for j in range(rank + VALUES * size, n, size):
+        grad_input[row, j] = grad_output[row, j] - math.exp(output[row, j]) * total
+
+
+@cuda.jit(cache=True)
+def softmax_backward_rows(grad_output, output, grad_input, warp_rows):
+    # grad_input = y * (g - sum(g * y))
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(grad_output, row):
+        return
+    g = cuda.local.array(VALUES, grad_output.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    n = grad_output.shape[1]
+    partial = 0.0
+    for k in range(VALUES):
+        j = rank + k * size
+        g[k] = grad_output[row, j] if j < n else 0.0
+        if j < n:
+            partial += g[k] * output[row, j]
+    for j in range(rank + VALUES * size, n, size):
+        partial += grad_output[row, j] * output[row, j]
+    dot = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            grad_input[row, j] = output[row, j] * (g[k] - dot)
+    for j in range(rank + VALUES * size, n, size):
+        grad_input[row, j] = output[row, j] * (grad_output[row, j] - dot)
+
+
+# --- losses ------------------------------------------------------------------------------------
+# Formulas as in fastlsm.cpu.loss (PyTorch's): per-row float64 losses, ``lse`` per row, and the
+# gradient of the reduced loss where ``grad`` is not a (0, 0) array.
+
+@cuda.jit(device=True)
+def fill_row(grad, row, rank, size, value):
+    for j in range(rank, grad.shape[1], size):
+        grad[row, j] = value
+
+
+@cuda.jit(device=True)
+def weighted_shifted_sum(x, row, rank, size, cached, weight, shift, warp_rows, scratch):
+    """``sum_c weight[c] * (x[c] - shift)`` over the row (float64), for label smoothing."""
+    n = x.shape[1]
+    partial = 0.0
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            partial += weight[j] * (cached[k] - shift)
+    for j in range(rank + VALUES * size, n, size):
+        partial += weight[j] * (x[row, j] - shift)
+    return group_sum(partial, warp_rows, scratch)
+
+
+@cuda.jit(cache=True)
+def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
+                       loss, lse, grad, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    n = x.shape[1]
+    t = target[row]
+    ignored = t == ignore_index
+    x_t = x[row, t] if not ignored else x.dtype.type(0.0)  # read first: grad may be x
+    want_grad = grad.shape[0] > 0
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    log_s = log_of_sum(s)
+    row_lse = finite_or_zero(m) + log_s
+    smooth = 0.0
+    if smoothing > 0.0 and math.isfinite(m) and not ignored:
+        smooth = total_weight * log_s - weighted_shifted_sum(x, row, rank, size, cached, weight,
+                                                             x.dtype.type(m), warp_rows, scratch)
+    if rank == 0:
+        lse[row] = row_lse
+    if ignored:
+        if rank == 0:
+            loss[row] = 0.0
+        if want_grad:
+            fill_row(grad, row, rank, size, 0.0)
+        return
+    if not math.isfinite(m):  # PyTorch: a +inf, all -inf or nan row is all nan
+        if rank == 0:
+            loss[row] = math.nan
+        if want_grad:
+            fill_row(grad, row, rank, size, math.nan)
+        return
+    w_t = weight[t]
+    if rank == 0:
+        nll = -w_t * ((x_t - x.dtype.type(m)) - log_s)
+        loss[row] = ((1.0 - smoothing) * nll + smoothing / n * smooth
+                     + z_loss * row_lse * row_lse)
+    if not want_grad:
+        return
+    shift = x.dtype.type(m)
+    p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n * total_weight
+                      + 2.0 * z_loss * row_lse)
+    a = x.dtype.type(p_coef / s)
+    b = x.dtype.type(scale * smoothing / n)
+    target_term = x.dtype.type(scale * (1.0 - smoothing) * w_t)
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            g = math.exp(cached[k] - shift) * a - weight[j] * b
+            grad[row, j] = g - target_term if j == t else g
+    for j in range(rank + VALUES * size, n, size):
+        g = math.exp(x[row, j] - shift) * a - weight[j] * b
+        grad[row, j] = g - target_term if j == t else g
+
+
+@cuda.jit(cache=True)
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    n = x.shape[1]
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    log_s = log_of_sum(s)
+    row_lse = finite_or_zero(m) + log_s
+    if rank == 0:
+        lse[row] = row_lse
+    want_grad = grad.shape[0] > 0
+    if not math.isfinite(m):
+        if rank == 0:
+            loss[row] = math.nan
+        if want_grad:
+            fill_row(grad, row, rank, size, math.nan)
+        return
+    shift = x.dtype.type(m)
+    keep = 1.0 - smoothing
+    spread = smoothing / n
+    wy_partial = 0.0
+    wyx_partial = 0.0
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            wy = weight[j] * (y[row, j] * keep + spread)
+            wy_partial += wy
+            wyx_partial += wy * (cached[k] - shift)
+    for j in range(rank + VALUES * size, n, size):
+        wy = weight[j] * (y[row, j] * keep + spread)
+        wy_partial += wy
+        wyx_partial += wy * (x[row, j] - shift)
+    wy_sum = group_sum(wy_partial, warp_rows, scratch)
+    wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
+    if rank == 0:
+        loss[row] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
+    if not want_grad:
+        return
+    a = x.dtype.type(scale * (wy_sum + 2.0 * z_loss * row_lse) / s)
+    for k in range(VALUES):
+        j = rank + k * size
+        if j < n:
+            grad[row, j] = (math.exp(cached[k] - shift) * a
+                            - scale * weight[j] * (y[row, j] * keep + spread))
+    for j in range(rank + VALUES * size, n, size):
+        grad[row, j] = (math.exp(x[row, j] - shift) * a
+                        - scale * weight[j] * (y[row, j] * keep + spread))
+
+
+@cuda.jit(cache=True)
+def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad, warp_rows):
+    row, rank, size = row_group(warp_rows)
+    if not row_in_range(x, row):
+        return
+    t = target[row]
+    ignored = t == ignore_index
+    value = 0.0 if ignored else -weight[t] * x[row, t]
+    if grad.shape[0] > 0:
+        # Every thread reads x[row, t] before any writes its part of the row: grad may be x.
+        if warp_rows:
+            cuda.syncwarp(FULL_MASK)
+        else:
+            cuda.syncthreads()
+        for j in range(rank, grad.shape[1], size):
+            grad[row, j] = -scale * weight[t] if j == t and not ignored else 0.0
+    if rank == 0:
+        loss[row] = value
+
+
+@cuda.jit(cache=True)
+def check_targets(target, weight, ignore_index, kept_weight, first_bad):
+    """``kept_weight[i]``: ``weight[target[i]]``, 0 where ignored; ``first_bad[0]``: the smallest
+    position of a target outside ``[0, C)`` (left as it is where there is none)."""
+    i = cuda.grid(1)
+    if i >= target.shape[0]:
+        return
+    t = target[i]
+    if t == ignore_index:
+        kept_weight[i] = 0.0
+    elif t < 0 or t >= weight.shape[0]:
+        kept_weight[i] = 0.0
+        cuda.atomic.min(first_bad, 0, i)  # the minimum does not depend on the order
+    else:
+        kept_weight[i] = weight[t]
+
+
+@cuda.jit(cache=True)
+def sum_rows(values, divisor, out):
+    """``out[0] = sum(values) / divisor``: one block, each thread a fixed stride, then a fixed
+    tree, so the same input always gives the same bits (no float atomics)."""
+    scratch = cuda.shared.array(WARP, float64)
+    partial = float64(0.0)
+    for i in range(cuda.threadIdx.x, values.shape[0], cuda.blockDim.x):
+        partial += values[i]
+    total = group_sum(partial, False, scratch)
+    if cuda.threadIdx.x == 0:
+        out[0] = total / divisor
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+TILE = 32
+TILE_PAD = TILE + 1  # a padded tile row: no shared-memory bank conflicts
+
+
+@cuda.jit(cache=True)
+def swap_last_axes(src, dst):
+    """``dst[b, j, i] = src[b, i, j]`` through a shared-memory tile, so both sides are coalesced."""
+    tile = cuda.shared.array((TILE, TILE_PAD), float64)
+    i0 = cuda.blockIdx.y * TILE
+    j0 = cuda.blockIdx.x * TILE
+    tx = cuda.threadIdx.x
+    for b in range(cuda.blockIdx.z, src.shape[0], cuda.gridDim.z):
+        for ty in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+            i, j = i0 + ty, j0 + tx
+            if i < src.shape[1] and j < src.shape[2]:
+                tile[ty, tx] = src[b, i, j]
+        cuda.syncthreads()
+        for ty in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+            j, i = j0 + ty, i0 + tx
+            if j < src.shape[2] and i < src.shape[1]:
+                dst[b, j, i] = tile[tx, ty]
+        cuda.syncthreads()  # the tile is read out before the next batch overwrites it
+
+
+@cuda.jit(cache=True)
+def cast(src, dst):
+    """``dst[i] = src[i]`` in ``dst``'s dtype (float16 in and out of float32 computation)."""
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        dst[i] = src[i]
