@@ -72,7 +72,7 @@ def _device_array(x, name: str) -> _Array:
     cuda = _cuda()
     if not is_cuda_array(x):
         host = np.asarray(x) if name == "target" else d.as_real_array(x, name)
-        host = np.ascontiguousarray(host)
+        host = host if host.flags.c_contiguous else host.copy()
         return _Array(cuda.to_device(host), "numpy", host)
     library = _library(x)
     owner = x
@@ -364,9 +364,17 @@ def _weight(weight, n_classes: int, dtype: np.dtype):
     return w, _device_sum(w)
 
 
-def _device_sum(values, divisor: float = 1.0) -> float:
+def _sum_rows(values, divisor: float, out) -> None:
+    """``out[0] = sum(values) / divisor`` on the device, in a fixed order (one block whose
+    size depends only on ``values.size``)."""
+    k = _kernels()
+    threads = min(MAX_BLOCK, max(k.WARP, -(-values.size // k.WARP) * k.WARP))
+    k.sum_rows[1, threads](values, divisor, out)
+
+
+def _device_sum(values) -> float:
     total = _cuda().device_array(1, np.float64)
-    _kernels().sum_rows[1, _kernels().SUM_THREADS](values, divisor, total)
+    _sum_rows(values, 1.0, total)
     return float(total.copy_to_host()[0])
 
 
@@ -473,7 +481,7 @@ def _reduced(per_row, reduction: str, denominator: float, loss: _Loss):
         return result
     result, dst = _empty((), dtype, loss.logits)
     divisor = denominator if reduction == "mean" else 1.0
-    _kernels().sum_rows[1, _kernels().SUM_THREADS](per_row, divisor, dst.reshape(1))
+    _sum_rows(per_row, divisor, dst.reshape(1))
     return result
 
 

@@ -24,7 +24,6 @@ WARP = 32
 VALUES = 32   # row elements each thread holds in registers
 UNROLL = 4    # loads in flight per thread while streaming the rest of a long row
 FULL_MASK = 0xFFFFFFFF
-SUM_THREADS = 1024  # the one block of the deterministic reductions over rows
 
 
 @cuda.jit(device=True)

@@ -1,0 +1,74 @@
+"""Compile every CUDA kernel to PTX for real hardware, with or without a GPU here.
+
+Usage: ``python tests/cuda_compile.py 8.0 9.0`` (compute capabilities).  Prints one
+``compiled <kernel> <dtype> sm_<cc>`` line per kernel, dtype and target; exits non-zero on the
+first kernel that fails to compile, or if a row kernel keeps its cached row in local memory
+instead of registers.  Run without the CUDA simulator (``NUMBA_ENABLE_CUDASIM=0``).
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from numba import types
+from numba.np.numpy_support import from_dtype
+
+
+def signatures(dtype) -> dict[str, tuple]:
+    """The argument types each kernel of fastlsm.cuda.kernels is launched with."""
+    f = from_dtype(np.dtype(dtype))
+    matrix, vector = types.Array(f, 2, "C"), types.Array(f, 1, "C")
+    per_row, targets = types.Array(types.float64, 1, "C"), types.Array(types.int64, 1, "C")
+    flag, real, index = types.boolean, types.float64, types.int64
+    return {
+        "log_softmax_rows": (matrix, matrix, flag),
+        "softmax_rows": (matrix, matrix, flag),
+        "logsumexp_rows": (matrix, vector, flag),
+        "log_softmax_backward_rows": (matrix, matrix, matrix, flag),
+        "softmax_backward_rows": (matrix, matrix, matrix, flag),
+        "cross_entropy_rows": (matrix, targets, vector, real, index, real, real, real, per_row,
+                               vector, matrix, flag),
+        "cross_entropy_probs_rows": (matrix, matrix, vector, real, real, real, per_row, vector,
+                                     matrix, flag),
+        "nll_loss_rows": (matrix, targets, vector, index, real, per_row, matrix, flag),
+        "check_targets": (targets, vector, index, per_row, targets),
+        "sum_rows": (per_row, real, vector),
+        "swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
+        "cast": (vector, per_row),
+    }
+
+
+# Their cached row must stay in registers: local memory would be a second trip through L1.
+REGISTER_KERNELS = ("log_softmax_rows", "softmax_rows", "logsumexp_rows", "cross_entropy_rows")
+
+
+def main(ccs: list[str]) -> int:
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    from fastlsm.cuda import kernels
+    failures = 0
+    for text in ccs:
+        cc = tuple(int(part) for part in text.split("."))
+        # Device functions are compiled for the current device's compute capability, and with no
+        # GPU there is none: name the target instead (compile_ptx itself takes `cc`).
+        dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+        for dtype in (np.float32, np.float64):
+            for name, signature in signatures(dtype).items():
+                ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, signature, cc=cc)
+                target = f"sm_{cc[0]}{cc[1]}"
+                if f".target {target}" not in ptx:
+                    print(f"FAILED {name} {np.dtype(dtype)}: the PTX is not for {target}")
+                    failures += 1
+                elif name in REGISTER_KERNELS and ".local" in ptx:
+                    print(f"FAILED {name} {np.dtype(dtype)} {target}: uses local memory")
+                    failures += 1
+                else:
+                    print(f"compiled {name} {np.dtype(dtype)} {target}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

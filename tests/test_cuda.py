@@ -1,0 +1,379 @@
+"""The CUDA path (fastlsm.cuda, fastlsm._cuda, fastlsm._devices): the same answers as the float64
+references of test_softmax and test_loss, with the same tolerances, from the real kernels.
+
+On a machine without a GPU, conftest runs this module under Numba's CUDA simulator (each CUDA
+thread a Python thread, with a shim for the warp shuffles it lacks), so shapes stay small; on a
+GPU the same tests run on the device.  ``test_kernels_compile_for_sm80_and_sm90`` compiles every
+kernel to PTX for real hardware either way.
+
+Shapes cover both launch modes: a warp per row (up to ``WARP * VALUES`` classes) and a block per
+row; ``streamed`` narrows the block so a row also has elements beyond the registers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastlsm
+import loss_reference as loss_ref
+from cuda_compile import signatures
+import reference as ref
+from test_loss import (REDUCTIONS, check_grad, check_lse, check_loss, error_scales,
+                       expected_reference, make_case)
+from test_softmax import (F32, F64, check_backward, check_log, check_prob, lsm_backward_scale,
+                          sm_backward_scale)
+
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("no CUDA device and no simulator", allow_module_level=True)
+
+from fastlsm import _cuda  # noqa: E402  (needs numba.cuda)
+from fastlsm.cuda import kernels  # noqa: E402
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+# The simulator computes with NumPy scalars, which warn where a row's answer is nan (inf - inf).
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+INF, NAN = np.inf, np.nan
+WARP_ROWS = (6, 9)                          # a warp per row
+BLOCK_ROWS = (3, kernels.WARP * kernels.VALUES + 77)  # a block per row
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Blocks of 64 threads: a row of more than 64 * VALUES classes is partly streamed."""
+    monkeypatch.setattr(_cuda, "MAX_BLOCK", 64)
+    return 64 * kernels.VALUES + 500
+
+
+def logits(shape, dtype, rng, nonfinite=True):
+    """Scaled normal logits; with ``nonfinite``, rows that are all -inf, hold +inf, hold a nan,
+    and hold -inf beside finite values (as many of them as there are rows)."""
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    if nonfinite:
+        specials = [np.full(shape[-1], -INF), None, None, None]
+        row = x[0].copy()
+        row[1] = INF
+        specials[1] = row
+        row = x[0].copy()
+        row[-1] = NAN
+        specials[2] = row
+        row = x[0].copy()
+        row[: shape[-1] // 2] = -INF
+        specials[3] = row
+        for i, special in enumerate(specials[: shape[0]]):
+            x[i] = special
+    return x
+
+
+# --- log_softmax, softmax, logsumexp ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("shape", [WARP_ROWS, BLOCK_ROWS], ids=["warp", "block"])
+def test_forward_matches_reference(shape, dtype, rng):
+    x = logits(shape, dtype, rng)
+    lsm = ref.log_softmax(x)
+    out = fastlsm.log_softmax(x, device="cuda")
+    assert type(out) is np.ndarray and out.dtype == dtype
+    check_log(out, lsm, dtype, "log_softmax")
+    check_prob(fastlsm.softmax(x, device="cuda"), ref.softmax(x), lsm, dtype)
+    check_log(fastlsm.logsumexp(x, device="cuda"), ref.logsumexp(x), dtype, "logsumexp")
+
+
+def test_streamed_rows(streamed, rng):
+    x = logits((4, streamed), F32, rng)
+    x[3, :-3] = -INF  # the row's finite values all lie past the registers
+    lsm = ref.log_softmax(x)
+    check_log(fastlsm.log_softmax(x, device="cuda"), lsm, F32, "log_softmax")
+    check_prob(fastlsm.softmax(x, device="cuda"), ref.softmax(x), lsm, F32)
+    check_log(fastlsm.logsumexp(x, device="cuda"), ref.logsumexp(x), F32, "logsumexp")
+
+
+@pytest.mark.parametrize("axis", [0, 1, (1, 2), None])
+def test_axes_and_keepdims(axis, rng):
+    x = logits((3, 5, 4), F64, rng, nonfinite=False)
+    check_log(fastlsm.log_softmax(x, axis, device="cuda"), ref.log_softmax(x, axis), F64, "lsm")
+    for keepdims in (False, True):
+        got = fastlsm.logsumexp(x, axis, keepdims=keepdims, device="cuda")
+        expected = ref.logsumexp(x, axis, keepdims=keepdims)
+        assert np.shape(got) == expected.shape
+        check_log(got, expected, F64, "logsumexp")
+
+
+def test_axes_that_are_not_adjacent_are_refused(rng):
+    x = cuda.to_device(logits((3, 5, 4), F64, rng, nonfinite=False))
+    with pytest.raises(ValueError, match="adjacent"):
+        fastlsm.log_softmax(x, axis=(0, 2))
+
+
+@pytest.mark.parametrize("dtype, result", [(np.float16, np.float16), (np.int32, np.float64),
+                                           (np.bool_, np.float64)])
+def test_dtypes(dtype, result, rng):
+    x = (rng.standard_normal((5, 7)) * 3).astype(dtype)
+    out = fastlsm.log_softmax(x, device="cuda")
+    assert out.dtype == result
+    np.testing.assert_allclose(out, fastlsm.log_softmax(x), rtol=0,
+                               atol=1e-3 if dtype is np.float16 else 1e-12)
+
+
+def test_empty_and_zero_dimensional():
+    assert fastlsm.log_softmax(np.zeros((0, 5)), device="cuda").shape == (0, 5)
+    np.testing.assert_array_equal(fastlsm.logsumexp(np.zeros((3, 0)), device="cuda"), -INF)
+    assert fastlsm.logsumexp(np.float64(2.0), device="cuda") == 2.0
+    assert fastlsm.log_softmax(np.float64(2.0), device="cuda") == 0.0
+
+
+@pytest.mark.parametrize("shape", [WARP_ROWS, BLOCK_ROWS], ids=["warp", "block"])
+def test_backward(shape, rng):
+    x = logits(shape, F64, rng, nonfinite=False)
+    g = rng.standard_normal(shape)
+    y = fastlsm.log_softmax(x)
+    check_backward(fastlsm.log_softmax_backward(g, y, device="cuda"),
+                   ref.log_softmax_backward(g, y), lsm_backward_scale(g, y, -1), F64)
+    p = fastlsm.softmax(x)
+    check_backward(fastlsm.softmax_backward(g, p, device="cuda"), ref.softmax_backward(g, p),
+                   sm_backward_scale(g, p, -1), F64)
+
+
+# --- device arrays in, device arrays out ---------------------------------------------------------
+
+def test_device_arrays_stay_on_the_device(rng):
+    x = logits(WARP_ROWS, F32, rng, nonfinite=False)
+    dx = cuda.to_device(x)
+    out = fastlsm.log_softmax(dx)  # auto: the data is on the device
+    assert not isinstance(out, np.ndarray) and tuple(out.shape) == x.shape
+    np.testing.assert_allclose(out.copy_to_host(), fastlsm.log_softmax(x), atol=1e-6)
+    buffer = cuda.device_array(x.shape, np.float32)
+    assert fastlsm.softmax(dx, out=buffer) is buffer
+    np.testing.assert_allclose(buffer.copy_to_host(), fastlsm.softmax(x), atol=1e-7)
+    fastlsm.log_softmax(dx, out=dx)  # in place
+    np.testing.assert_allclose(dx.copy_to_host(), fastlsm.log_softmax(x), atol=1e-6)
+
+
+def test_numpy_out_with_device_cuda(rng):
+    x = logits(WARP_ROWS, F64, rng, nonfinite=False)
+    out = np.empty_like(x)
+    assert fastlsm.log_softmax(x, out=out, device="cuda") is out
+    check_log(out, ref.log_softmax(x), F64, "log_softmax")
+
+
+def test_wrong_out_is_refused(rng):
+    dx = cuda.to_device(logits(WARP_ROWS, F32, rng, nonfinite=False))
+    with pytest.raises(ValueError, match="shape"):
+        fastlsm.log_softmax(dx, out=cuda.device_array((2, 2), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        fastlsm.log_softmax(dx, out=cuda.device_array(WARP_ROWS, np.float64))
+    with pytest.raises(TypeError, match="device array"):
+        fastlsm.log_softmax(dx, out=np.empty(WARP_ROWS, np.float32))
+
+
+def test_non_contiguous_numba_array_is_refused(rng):
+    dx = cuda.to_device(np.asfortranarray(logits(WARP_ROWS, F32, rng, nonfinite=False)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastlsm.log_softmax(dx)
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+LOSS_CASES = {  # name: (shape name in test_loss.SHAPES, make_case options, loss options)
+    "plain": ("NC", {}, {}),
+    "weights, ignored": ("NC", dict(weighted=True, ignore="-100"), {}),
+    "ignore a class": ("NC", dict(ignore="class0"), dict(label_smoothing=0.1)),
+    "smoothing, weights": ("NCd", dict(weighted=True), dict(label_smoothing=0.3)),
+    "z-loss": ("BTV", {}, dict(z_loss=1e-3)),
+    "probabilities": ("NC", dict(kind="probs", weighted=True), dict(label_smoothing=0.2)),
+    "1-D": ("C", {}, {}),
+}
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+def test_cross_entropy(name, rng):
+    shape_name, case_options, options = LOSS_CASES[name]
+    case = make_case(shape_name, rng, dtype=F32, **case_options)
+    for reduction in REDUCTIONS:
+        what = f"{name}, reduction={reduction!r}"
+        exp_loss, exp_grad, exp_lse = expected_reference(case, reduction, **options)
+        scales = error_scales(case, reduction, **options)
+        loss, grad, lse = fastlsm.cross_entropy(case.x, case.target, reduction=reduction,
+                                                return_grad=True, return_lse=True,
+                                                device="cuda", **options, **case.kwargs)
+        check_loss(loss, exp_loss, scales, F32, reduction, case.row_shape, f"{what} loss")
+        check_grad(grad, exp_grad, scales, case.x, F32, f"{what} grad")
+        check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
+
+
+def test_cross_entropy_long_rows(streamed, rng):
+    x = logits((4, streamed), F64, rng)
+    x[0] = rng.standard_normal(streamed)  # one all -inf row would make the mean nan
+    target = np.array([5, 1, streamed - 1, 2 * streamed // 3])
+    weight = rng.uniform(0.5, 2.0, streamed)
+    for options in ({}, dict(label_smoothing=0.1, weight=weight)):
+        expected = loss_ref.cross_entropy(x, target, reduction="none", **options)
+        loss, grad = fastlsm.cross_entropy(x, target, reduction="none", return_grad=True,
+                                           device="cuda", **options)
+        case = make_case("NC", rng)  # only for error_scales' shape-independent fields
+        case.x, case.target, case.weight = x, target, options.get("weight")
+        scales = error_scales(case, "none", options.get("label_smoothing", 0.0))
+        check_loss(loss, expected[0], scales, F64, "none", (4,), f"{options} loss")
+        check_grad(grad, expected[1], scales, x, F64, f"{options} grad")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_loss(reduction, rng):
+    case = make_case("NCd", rng, weighted=True, ignore="-100")
+    exp_loss, exp_grad = loss_ref.nll_loss(case.x, case.target, case.weight, case.ignore_index,
+                                           reduction, axis=case.axis)
+    scales = error_scales(case, reduction, nll=True)
+    loss, grad = fastlsm.nll_loss(case.x, case.target, reduction=reduction, return_grad=True,
+                                  device="cuda", **case.kwargs)
+    check_loss(loss, exp_loss, scales, F64, reduction, case.row_shape, "nll_loss")
+    check_grad(grad, exp_grad, scales, case.x, F64, "nll_loss grad")
+
+
+def test_loss_on_device_arrays_and_in_place_gradient(rng):
+    case = make_case("NC", rng, dtype=F32, weighted=True)
+    dx = cuda.to_device(case.x)
+    loss, grad = fastlsm.cross_entropy(dx, case.target, case.weight, return_grad=True)
+    assert tuple(loss.shape) == () and tuple(grad.shape) == case.x.shape
+    expected_loss, expected_grad = fastlsm.cross_entropy(case.x, case.target, case.weight,
+                                                         return_grad=True)
+    np.testing.assert_allclose(loss.copy_to_host(), expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad.copy_to_host(), expected_grad, atol=1e-7)
+    _, same = fastlsm.cross_entropy(dx, cuda.to_device(case.target), cuda.to_device(case.weight),
+                                    grad_out=dx)
+    assert same is dx
+    np.testing.assert_allclose(dx.copy_to_host(), expected_grad, atol=1e-7)
+
+
+def test_reductions_are_deterministic(rng):
+    x = logits(BLOCK_ROWS, F32, rng, nonfinite=False)
+    target = rng.integers(0, x.shape[1], x.shape[0])
+    first = fastlsm.cross_entropy(x, target, return_grad=True, device="cuda")
+    again = fastlsm.cross_entropy(x, target, return_grad=True, device="cuda")
+    assert first[0].tobytes() == again[0].tobytes()
+    np.testing.assert_array_equal(first[1], again[1])
+
+
+def test_loss_errors_before_any_kernel(rng):
+    x = logits(WARP_ROWS, F32, rng, nonfinite=False)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        fastlsm.cross_entropy(x, np.array([0, 1, 2, 3, 4, 9]), device="cuda")
+    with pytest.raises(ValueError, match="batch_size"):
+        fastlsm.cross_entropy(x, np.array([0, 1]), device="cuda")
+    with pytest.raises(TypeError, match="integer class indices"):
+        fastlsm.cross_entropy(x, np.zeros(6), device="cuda")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastlsm.cross_entropy(x, np.zeros(6, int), label_smoothing=2.0, device="cuda")
+    with pytest.raises(ValueError, match="weight"):
+        fastlsm.cross_entropy(x, np.zeros(6, int), weight=np.ones(3), device="cuda")
+
+
+# --- choosing the device -------------------------------------------------------------------------
+
+def test_device_argument_and_default(monkeypatch, rng):
+    x = logits(WARP_ROWS, F64, rng, nonfinite=False)
+    calls = []
+    real = _cuda.log_softmax
+    monkeypatch.setattr(_cuda, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fastlsm.log_softmax(x)
+    assert calls == []  # auto: NumPy data stays on the CPU
+    fastlsm.set_default_device("cuda")
+    try:
+        assert fastlsm.get_default_device() == "cuda"
+        check_log(fastlsm.log_softmax(x), ref.log_softmax(x), F64, "log_softmax")
+        assert calls == [1]
+        fastlsm.log_softmax(x, device="cpu")
+        assert calls == [1]
+    finally:
+        fastlsm.set_default_device(None)
+    assert fastlsm.get_default_device() == "auto"
+    with pytest.raises(ValueError, match="device must be one of"):
+        fastlsm.log_softmax(x, device="tpu")
+    with pytest.raises(ValueError, match="device='cpu'"):
+        fastlsm.log_softmax(cuda.to_device(x), device="cpu")
+
+
+def test_no_gpu_is_a_runtime_error(monkeypatch):
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    _cuda._cuda.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
+            fastlsm.softmax(np.ones((2, 3)), device="cuda")
+    finally:
+        _cuda._cuda.cache_clear()
+
+
+def test_import_and_numpy_calls_leave_cuda_alone():
+    env = dict(os.environ, FASTLSM_DEVICE="auto")
+    code = ("import sys, numpy as np, fastlsm; fastlsm.log_softmax(np.ones((2, 3)));"
+            "fastlsm.cross_entropy(np.ones((2, 3)), np.array([0, 1]));"
+            "assert not [m for m in sys.modules if m.startswith(('numba.cuda', 'fastlsm.cuda',"
+            " 'fastlsm._cuda'))], sorted(m for m in sys.modules if 'cuda' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_fastlsm_device_environment_variable():
+    env = dict(os.environ, FASTLSM_DEVICE="cuda")
+    code = ("import fastlsm; assert fastlsm.get_default_device() == 'cuda'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    bad = subprocess.run([sys.executable, "-c", "import fastlsm"], capture_output=True,
+                         text=True, env=dict(os.environ, FASTLSM_DEVICE="gpu"))
+    assert bad.returncode != 0 and "FASTLSM_DEVICE must be one of" in bad.stderr
+
+
+# --- PyTorch and CuPy arrays (on a real GPU only) ------------------------------------------------
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if SIMULATED or not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device here")
+    return torch
+
+
+def test_torch_tensors_in_and_out(rng):
+    torch = _torch_cuda()
+    x = logits((64, 3000), F32, rng, nonfinite=False)
+    t = torch.from_numpy(x).cuda()
+    out = fastlsm.log_softmax(t)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.float32
+    np.testing.assert_allclose(out.cpu().numpy(), torch.log_softmax(t, -1).cpu().numpy(),
+                               atol=1e-5)
+    transposed = fastlsm.log_softmax(t.T, axis=0)  # not contiguous: made so on the device
+    np.testing.assert_allclose(transposed.cpu().numpy(), out.T.cpu().numpy(), atol=1e-6)
+    target = torch.from_numpy(rng.integers(0, 3000, 64)).cuda()
+    tr = t.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(tr, target)
+    expected.backward()
+    loss, grad = fastlsm.cross_entropy(t, target, return_grad=True)
+    assert isinstance(loss, torch.Tensor) and loss.shape == ()
+    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad.cpu().numpy(), tr.grad.cpu().numpy(), atol=1e-7)
+
+
+def test_cupy_arrays_in_and_out(rng):
+    if SIMULATED:
+        pytest.skip("CuPy needs a real GPU")
+    cupy = pytest.importorskip("cupy")
+    x = logits((64, 3000), F64, rng, nonfinite=False)
+    out = fastlsm.softmax(cupy.asarray(x))
+    assert isinstance(out, cupy.ndarray)
+    check_prob(cupy.asnumpy(out), ref.softmax(x), ref.log_softmax(x), F64)
+
+
+# --- compiling for real hardware -----------------------------------------------------------------
+
+def test_kernels_compile_for_sm80_and_sm90():
+    """Every kernel, in float32 and float64, compiles to PTX for sm_80 and sm_90 (in a process
+    without the simulator), and the row kernels keep their cached row in registers."""
+    script = Path(__file__).with_name("cuda_compile.py")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, str(script), "8.0", "9.0"], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("compiled")]
+    assert len(compiled) == 2 * 2 * len(signatures(np.float32)), result.stdout
