@@ -246,6 +246,10 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         Adds ``z_loss * lse**2`` to each kept row (PaLM's auxiliary loss).
     return_lse : bool, optional
         Also return each row's log-sum-exp (every row, ignored ones included).
+    device : {None, 'auto', 'cpu', 'cuda'}, optional
+        Where to compute, as in :func:`fastlsm.log_softmax`; ``input`` decides for ``'auto'``.
+        Targets and weights given as NumPy arrays follow device logits to the GPU.  On the GPU,
+        class-index targets are range-checked there, and the call waits for that check.
 
     Returns
     -------
@@ -318,8 +322,8 @@ def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = Non
     """Negative log-likelihood of class indices, from log-probabilities (PyTorch's ``nll_loss``).
 
     ``loss_n = -weight[t_n] * input[n, t_n]``; parameters, shapes and reductions as in
-    :func:`cross_entropy` (class-index targets only, no smoothing).  With ``return_grad`` (or
-    ``grad_out``) returns ``(loss, grad)``.
+    :func:`cross_entropy` (class-index targets only, no smoothing; ``device`` too).  With
+    ``return_grad`` (or ``grad_out``) returns ``(loss, grad)``.
 
     Examples
     --------

@@ -48,13 +48,22 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
         (and returned as float16); integers and bool become float64.
     axis : int, tuple of ints or None, optional
         Axis or axes making up one softmax "row" (default: the last).  ``None`` uses every axis.
-    out : ndarray, optional
-        Array to write into, of ``x``'s shape and the result dtype; may be ``x`` itself.
+    out : array, optional
+        Array to write into, of ``x``'s shape and the result dtype; may be ``x`` itself.  A device
+        array for device input.
+    device : {None, 'auto', 'cpu', 'cuda'}, optional
+        Where to compute.  None or ``'auto'`` (unless :func:`set_default_device` or the
+        ``FASTLSM_DEVICE`` environment variable says otherwise) follows the data: an array on an
+        NVIDIA GPU (CuPy, PyTorch CUDA, Numba device arrays: anything with
+        ``__cuda_array_interface__``) is computed there in place and the result is an array of
+        the same library; a ``dask.array.Array`` gives a lazy Dask result; anything else runs on
+        the CPU.  ``'cuda'`` with NumPy input copies it over and the result back; it raises
+        ``RuntimeError`` where there is no usable GPU.
 
     Returns
     -------
     ndarray
-        Same shape as ``x``.
+        Same shape as ``x`` (the input's kind of array for device or Dask input).
 
     Notes
     -----
@@ -80,7 +89,8 @@ def softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
             device: str | None = None) -> Any:
     """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
 
-    Parameters and dtypes as in :func:`log_softmax`.  As in ``scipy.special.softmax``, a row whose
+    Parameters (``device`` too) and dtypes as in :func:`log_softmax`.  As in
+    ``scipy.special.softmax``, a row whose
     max is not finite (``+inf`` present, or all ``-inf``) or that holds a nan is all nan.
 
     Examples
@@ -108,8 +118,10 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any
         Axis or axes to reduce (default: the last).  ``None`` reduces every axis.
     keepdims : bool, optional
         Keep the reduced axes as size-1 dimensions.
-    out : ndarray, optional
+    out : array, optional
         Array of the result's shape and dtype to write into.
+    device : {None, 'auto', 'cpu', 'cuda'}, optional
+        Where to compute, as in :func:`log_softmax`.
 
     Returns
     -------
@@ -183,6 +195,8 @@ def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis =
         The forward output ``y = log_softmax(x, axis)``, same shape as ``grad_output``.
     axis : int, tuple of ints or None, optional
         The axis the forward pass used.
+    device : {None, 'auto', 'cpu', 'cuda'}, optional
+        Where to compute, as in :func:`log_softmax`; ``grad_output`` decides for ``'auto'``.
 
     Returns
     -------
@@ -207,7 +221,8 @@ def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1,
                      device: str | None = None) -> Any:
     """Vector-Jacobian product of :func:`softmax`: ``y * (g - sum(g * y))`` along ``axis``.
 
-    Parameters as in :func:`log_softmax_backward`, with ``output = softmax(x, axis)``.
+    Parameters (``device`` too) as in :func:`log_softmax_backward`, with
+    ``output = softmax(x, axis)``.
 
     Examples
     --------
