@@ -146,7 +146,7 @@ def row_stats(x, row, rank, size, cached, warp_rows, scratch):
             s += math.exp(cached[k] - shift)
         if m_stream != x.dtype.type(-math.inf):
             s += s_stream * math.exp(m_stream - shift)
-    else:
+    else:  # rare: no need to stream well
         for k in range(VALUES):
             s += math.exp(cached[k])
         for j in range(rank + VALUES * size, x.shape[1], size):
@@ -157,6 +157,27 @@ def row_stats(x, row, rank, size, cached, warp_rows, scratch):
 @cuda.jit(device=True)
 def row_in_range(x, row):
     return row < x.shape[0]
+
+
+# A row's streamed part is read again to write it: in chunks of UNROLL loads (one trip to memory
+# for all of them), and from the end backwards, since the end was read last and is likeliest
+# still in L2.
+
+@cuda.jit(device=True)
+def tail_chunks(first, n, size):
+    """How many chunks (``UNROLL`` elements ``size`` apart) a thread's streamed elements, from
+    ``first`` to the row's end ``n``, make."""
+    step = UNROLL * size
+    return (n - first + step - 1) // step if n > first else 0
+
+
+@cuda.jit(device=True)
+def load_chunk(a, row, j, size, chunk):
+    """``chunk[u] = a[row, j + u * size]``, 0 past the row's end."""
+    n = a.shape[1]
+    for u in range(UNROLL):
+        jj = j + u * size
+        chunk[u] = a[row, jj] if jj < n else 0
 
 
 @cuda.jit(cache=True)
@@ -174,8 +195,14 @@ def log_softmax_rows(x, out, warp_rows):
         j = rank + k * size
         if j < n:
             out[row, j] = (cached[k] - shift) - log_s
-    for j in range(rank + VALUES * size, n, size):
-        out[row, j] = (x[row, j] - shift) - log_s
+    first = rank + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, size, chunk)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                out[row, j + u * size] = (chunk[u] - shift) - log_s
 
 
 @cuda.jit(cache=True)
@@ -197,8 +224,14 @@ def softmax_rows(x, out, warp_rows):
         j = rank + k * size
         if j < n:
             out[row, j] = math.exp(cached[k] - shift) * inverse
-    for j in range(rank + VALUES * size, n, size):
-        out[row, j] = math.exp(x[row, j] - shift) * inverse
+    first = rank + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, size, chunk)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                out[row, j + u * size] = math.exp(chunk[u] - shift) * inverse
 
 
 @cuda.jit(cache=True)
@@ -340,9 +373,16 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
         if j < n:
             g = math.exp(cached[k] - shift) * a - weight[j] * b
             grad[row, j] = g - target_term if j == t else g
-    for j in range(rank + VALUES * size, n, size):
-        g = math.exp(x[row, j] - shift) * a - weight[j] * b
-        grad[row, j] = g - target_term if j == t else g
+    first = rank + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, size, chunk)
+        for u in range(UNROLL):
+            ju = j + u * size
+            if ju < n:
+                g = math.exp(chunk[u] - shift) * a - weight[ju] * b
+                grad[row, ju] = g - target_term if ju == t else g
 
 
 @cuda.jit(cache=True)
