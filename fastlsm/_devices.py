@@ -53,7 +53,11 @@ def is_cuda_array(x) -> bool:
 
 
 def is_dask_array(x) -> bool:
-    return type(x).__module__.startswith("dask.array") and hasattr(x, "__dask_graph__")
+    """``x`` is a ``dask.array.Array`` (checked without importing Dask: an array can only be one
+    once ``dask.array`` is imported)."""
+    dask_array = sys.modules.get("dask.array")
+    return (dask_array is not None and type(x).__module__.startswith("dask")
+            and isinstance(x, dask_array.Array))
 
 
 def backend(x, device):

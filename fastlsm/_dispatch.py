@@ -272,8 +272,8 @@ def _kernels():
         # Python threads enter parallel code at once.  Ask for a thread-safe layer when one loads.
         if _loadable("numba.np.ufunc.tbbpool") or _loadable("numba.np.ufunc.omppool"):
             numba.config.THREADING_LAYER = "threadsafe"
-    from fastlsm.cpu import kernels, loss
-    return {name: obj for module in (kernels, loss) for name, obj in vars(module).items()
+    from fastlsm.cpu import kernels, loss, partials
+    return {name: obj for module in (kernels, loss, partials) for name, obj in vars(module).items()
             if isinstance(obj, kernels.RowKernel)}
 
 

@@ -56,10 +56,11 @@ def _row_weighted_sum(row, weight, shift):
 
 
 @njit(fastmath={"reassoc"})
-def _row_smoothed_sums(row, y, weight, smoothing, shift):
-    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (row_c - shift))``, ``y' = y * (1 - eps) + eps / C``."""
+def _row_smoothed_sums(row, y, weight, smoothing, n_classes, shift):
+    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (row_c - shift))``, ``y' = y * (1 - eps) + eps / C``
+    with ``C = n_classes``, the whole row's class count (``row`` may be a block of it)."""
     keep = row.dtype.type(1.0 - smoothing)
-    spread = row.dtype.type(smoothing / row.shape[0])
+    spread = row.dtype.type(smoothing / n_classes)
     c_shift = row.dtype.type(shift)
     wy_sum = 0.0
     wyx_sum = 0.0
@@ -179,7 +180,7 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
         if not math.isfinite(m):
             _nan_row(loss, grad, i)
             continue
-        wy_sum, wyx_sum = _row_smoothed_sums(row, probs, weight, smoothing, m)
+        wy_sum, wyx_sum = _row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
         loss[i] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
         if want_grad:
             dst = contiguous_row(grad, i)
