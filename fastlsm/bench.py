@@ -557,24 +557,37 @@ def _choices(kind: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastlsm bench``."""
     parser.add_argument("--ops", type=_choices("op", DEFAULT_OPS), default=list(DEFAULT_OPS),
-                        help=f"comma list (default: {','.join(DEFAULT_OPS)})")
-    parser.add_argument("--shapes", type=parse_shapes, default=list(DEFAULT_SHAPES),
+                        help=f"comma list (default: {','.join(DEFAULT_OPS)}); with --device "
+                             "cuda, cross_entropy_grad also runs in place")
+    from fastlsm.bench_cuda import DEFAULT_CUDA_SHAPES  # here: bench_cuda imports this module
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu, or cuda: on an NVIDIA GPU beside PyTorch's CUDA kernels, "
+                             "which needs PyTorch with CUDA and numba-cuda (default: cpu)")
+    # None: each device's own default, which differ.
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help="comma list of ROWSxCOLS (default: "
-                             f"{','.join(map(shape_str, DEFAULT_SHAPES))})")
+                             f"{','.join(map(shape_str, DEFAULT_SHAPES))}; with --device cuda: "
+                             f"{','.join(map(shape_str, DEFAULT_CUDA_SHAPES))})")
     parser.add_argument("--dtype", type=_choices("dtype", ("float32", "float64")),
                         default=["float32"], help="float32, float64 or both (default: float32)")
-    parser.add_argument("--threads", type=int, help="threads for Numba and PyTorch "
+    parser.add_argument("--threads", type=int, help="threads for Numba and PyTorch, cpu only "
                                                     "(default: all)")
     parser.add_argument("--repeat", type=int, help="samples per measurement (default: adaptive, "
-                                                   "a time budget per measurement)")
+                                                   "a time budget per measurement; cuda: 20)")
     parser.add_argument("--budget", type=float, default=Config.run_budget_s,
                         help="seconds the peers may take, split evenly between the cases: a peer "
                              "slower than 20 ms a call is skipped where it would overrun its "
-                             f"case's share; 0 never skips (default: {Config.run_budget_s:g})")
+                             f"case's share; 0 never skips; cpu only "
+                             f"(default: {Config.run_budget_s:g})")
     parser.add_argument("--json", metavar="PATH", help="write the results as a list of records")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against columns "
-                                                       "(needs matplotlib)")
+                                                       "(needs matplotlib; cpu only)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--dask", action="store_true",
+                        help="instead: cross_entropy with its classes split over Dask chunks, on "
+                             "a dask.distributed LocalCluster of 2 worker processes, beside "
+                             "fastlsm in one process and plain dask.array (first --shapes entry, "
+                             "default 4096x32000; needs the dask extra)")
 
 
 def set_threads(threads: int | None, peers: dict[str, str | None]) -> str:
@@ -594,7 +607,16 @@ def set_threads(threads: int | None, peers: dict[str, str | None]) -> str:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    """Run ``fastlsm bench`` from parsed arguments."""
+    """Run ``fastlsm bench`` from parsed arguments; ``--device cuda`` runs
+    :func:`fastlsm.bench_cuda.run_args`, ``--dask`` :func:`fastlsm.bench_dask.run`."""
+    if args.device == "cuda":
+        from fastlsm import bench_cuda
+        return bench_cuda.run_args(args)
+    if args.dask:
+        from fastlsm import bench_dask
+        shape = args.shapes[0] if args.shapes else (4096, 32000)
+        print(bench_dask.run(shape, dtype=args.dtype[0], repeat=args.repeat or 3))
+        return 0
     if args.plot:
         check_matplotlib()
     peers = available_peers()
@@ -613,7 +635,8 @@ def run_args(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{next(counter)}] {line}", file=sys.stderr, flush=True)
 
-    config = Config(args.ops, args.shapes, [np.dtype(d) for d in args.dtype], args.repeat,
+    config = Config(args.ops, args.shapes or list(DEFAULT_SHAPES),
+                    [np.dtype(d) for d in args.dtype], args.repeat,
                     run_budget_s=args.budget, progress=progress)
     records = run(config, peers, emit=lambda text: print(text, flush=True))
     if args.json:
