@@ -333,11 +333,7 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
 def _backward(kernel: str, grad_output, output, axis):
     g = _device_array(grad_output, "grad_output")
     y = _device_array(output, "output")
-    if tuple(g.view.shape) != tuple(y.view.shape):
-        raise ValueError(f"grad_output has shape {tuple(g.view.shape)} but output has shape "
-                         f"{tuple(y.view.shape)}; they must match")
-    dtype = np.result_type(d.result_dtype(g.view.dtype, "grad_output"),
-                           d.result_dtype(y.view.dtype, "output"))
+    dtype = d.backward_dtype(g.view, y.view)
     if g.view.dtype != dtype:
         g.view = _cast(g.view, dtype, g)
     if y.view.dtype != dtype:
@@ -538,11 +534,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     want_grad = return_grad or grad_out is not None
     if target_shape == tuple(loss.logits.view.shape) and loss.logits.view.ndim > 0:
         probs = _device_array(target, "target")
-        if probs.view.dtype.kind != "f":
-            raise TypeError("Expected floating point type for target with class probabilities, "
-                            f"got {probs.view.dtype}")
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported for floating point target")
+        _loss.check_probability_target(probs.view.dtype, ignore_index)
         if probs.view.dtype != rows.matrix.dtype:
             probs.view = _cast(probs.view, rows.matrix.dtype, loss.logits)
         y = _rows(probs, (loss.class_axis,), "target").matrix

@@ -285,11 +285,7 @@ def _backward(public, partials_kernel: str, finish_kernel: str, grad_output, out
               *, partials_read_output: bool):
     import dask.array as da
     g, y = _as_dask(grad_output), _as_dask(output)
-    if g.shape != y.shape:
-        raise ValueError(f"grad_output has shape {g.shape} but output has shape {y.shape}; "
-                         "they must match")
-    dtype = np.result_type(d.result_dtype(g.dtype, "grad_output"),
-                           d.result_dtype(y.dtype, "output"))
+    dtype = d.backward_dtype(g, y)
     axes = d.normalize_axes(axis, g.ndim)
     index = tuple(range(g.ndim))
     _, (g, y) = da.unify_chunks(g, index, y, index)
@@ -677,11 +673,7 @@ def cross_entropy(input: da.Array | ArrayLike, target: da.Array | ArrayLike,
     logits = _logits(input, weight, axis)
     target = target if hasattr(target, "shape") else np.asarray(target)
     if target.shape == logits.array.shape:
-        if target.dtype.kind != "f":
-            raise TypeError("Expected floating point type for target with class probabilities, "
-                            f"got {target.dtype}")
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported for floating point target")
+        _loss.check_probability_target(target.dtype, ignore_index)
         target = _chunked_like(target, logits.array.chunks)
         denominator = float(math.prod(logits.row_shape))
     else:

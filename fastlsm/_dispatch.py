@@ -64,6 +64,17 @@ def as_real_array(x, name: str) -> np.ndarray:
     return array
 
 
+def backward_dtype(grad_output, output) -> np.dtype:
+    """The dtype a backward pass computes ``grad_output`` and ``output`` in (anything with a
+    ``shape`` and a NumPy ``dtype``), once their shapes are checked to match."""
+    g_shape, y_shape = tuple(grad_output.shape), tuple(output.shape)
+    if g_shape != y_shape:
+        raise ValueError(f"grad_output has shape {g_shape} but output has shape {y_shape}; "
+                         "they must match")
+    return np.result_type(result_dtype(grad_output.dtype, "grad_output"),
+                          result_dtype(output.dtype, "output"))
+
+
 def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     """Sorted, non-negative axes; ``None`` means every axis.  A 0-d array has one implicit axis."""
     n = max(ndim, 1)

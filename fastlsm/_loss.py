@@ -75,6 +75,15 @@ def _check_options(ignore_index: int, reduction: str, label_smoothing: float,
     return ignore_index, label_smoothing, z_loss
 
 
+def check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
+    """PyTorch's two refusals for a target of class probabilities (the input's shape)."""
+    if dtype.kind != "f":
+        raise TypeError("Expected floating point type for target with class probabilities, "
+                        f"got {dtype}")
+    if ignore_index >= 0:
+        raise ValueError("ignore_index is not supported for floating point target")
+
+
 @functools.lru_cache(maxsize=64)
 def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
     # Shared by every call without weights; kernels only read it.  (A read-only flag would be a
@@ -293,11 +302,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     loss = np.empty(rows)
     lse = np.empty(rows)
     if target.shape == logits.array.shape:
-        if target.dtype.kind != "f":
-            raise TypeError("Expected floating point type for target with class probabilities, "
-                            f"got {target.dtype}")
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported for floating point target")
+        check_probability_target(target.dtype, ignore_index)
         denominator = float(rows)
         probs = d.to_rows(target.astype(logits.weight.dtype, copy=False),
                           (logits.class_axis,), "target").matrix

@@ -169,11 +169,7 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any
 def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis) -> np.ndarray:
     g = d.as_real_array(grad_output, "grad_output")
     y = d.as_real_array(output, "output")
-    if g.shape != y.shape:
-        raise ValueError(f"grad_output has shape {g.shape} but output has shape {y.shape}; "
-                         "they must match")
-    dtype = np.result_type(d.result_dtype(g.dtype, "grad_output"),
-                           d.result_dtype(y.dtype, "output"))
+    dtype = d.backward_dtype(g, y)
     axes = d.normalize_axes(axis, g.ndim)
     g_rows = d.to_rows(g.astype(dtype, copy=False), axes, "grad_output")
     y_rows = d.to_rows(y.astype(dtype, copy=False), axes, "output")
