@@ -202,6 +202,11 @@ def _split(shape: tuple[int, ...], axes: tuple[int, ...], name: str) -> tuple[in
     return math.prod(shape[:first]), math.prod(shape[first:last + 1]), math.prod(shape[last + 1:])
 
 
+def _as_matrix(view, outer: int, classes: int):
+    # A device array's reshape builds a new array object each time: skip it for the common 2-D call.
+    return view if tuple(view.shape) == (outer, classes) else view.reshape(outer, classes)
+
+
 def _rows(array: _Array, axes: tuple[int, ...], name: str) -> _Rows:
     view = array.view
     shape = tuple(view.shape) or (1,)
@@ -211,7 +216,7 @@ def _rows(array: _Array, axes: tuple[int, ...], name: str) -> _Rows:
     if view.dtype != cdtype:
         view = _cast(view, cdtype, array)
     if inner == 1:
-        return _Rows(view.reshape(outer, classes), outer, classes, 1, rdtype, array)
+        return _Rows(_as_matrix(view, outer, classes), outer, classes, 1, rdtype, array)
     matrix = _scratch((outer, inner, classes), cdtype, array)
     _swap_last_axes(view.reshape(outer, classes, inner), matrix)
     return _Rows(matrix.reshape(outer * inner, classes), outer, classes, inner, rdtype, array)
@@ -221,7 +226,7 @@ def _matrix_target(rows: _Rows, dst):
     """Where a kernel writes an elementwise result bound for ``dst`` (a C-ordered device array of
     the input's shape): ``dst`` itself seen as rows, or a scratch matrix for :func:`_unrows`."""
     if rows.inner == 1 and dst.dtype == rows.matrix.dtype:
-        return dst.reshape(rows.outer, rows.classes)
+        return _as_matrix(dst, rows.outer, rows.classes)
     return _scratch((rows.outer * rows.inner, rows.classes), rows.matrix.dtype, rows.like)
 
 
@@ -382,12 +387,16 @@ def _weight(weight, n_classes: int, dtype: np.dtype, like: _Array):
     return w, _device_sum(w, like)
 
 
+def _reduction_threads(n: int) -> int:
+    """The one block of a reduction over ``n`` rows: its size depends on ``n`` alone, so a
+    shape always sums in the same order."""
+    warp = _kernels().WARP
+    return min(MAX_BLOCK, max(warp, -(-n // warp) * warp))
+
+
 def _sum_rows(values, divisor: float, out) -> None:
-    """``out[0] = sum(values) / divisor`` on the device, in a fixed order (one block whose
-    size depends only on ``values.size``)."""
-    k = _kernels()
-    threads = min(MAX_BLOCK, max(k.WARP, -(-values.size // k.WARP) * k.WARP))
-    k.sum_rows[1, threads](values, divisor, out)
+    """``out[0] = sum(values) / divisor`` on the device, in a fixed order."""
+    _kernels().sum_rows[1, _reduction_threads(values.size)](values, divisor, out)
 
 
 def _device_sum(values, like: _Array) -> float:
@@ -440,19 +449,17 @@ def _class_targets(target, loss: _Loss, ignore_index: int):
     flat = t.view.reshape(n)
     if flat.dtype != np.int64:
         flat = _cast(flat, np.int64, loss.logits)
-    kept_weight = _scratch((n,), np.float64, loss.logits)
-    first_bad = _cuda().to_device(np.array([n], np.int64))
-    if n:
-        blocks, threads = _launch_1d(n)
-        _kernels().check_targets[-(-n // threads), threads](flat, loss.weight, ignore_index,
-                                                           kept_weight, first_bad)
-    bad = int(first_bad.copy_to_host()[0])
-    if bad < n:
+    k = _kernels()
+    checked = _scratch((2,), np.float64, loss.logits)
+    k.check_targets[1, _reduction_threads(n)](flat, loss.weight, ignore_index, checked)
+    first_bad, denominator = checked.copy_to_host()
+    if first_bad < n:
+        bad = int(first_bad)
         value = int(flat[bad:bad + 1].copy_to_host()[0])
         position = [int(k) for k in np.unravel_index(bad, shape)] if shape else []
         raise IndexError(f"Target {value} is out of bounds. (target{position} with "
                          f"{loss.rows.classes} classes)")
-    return flat, _device_sum(kept_weight, loss.logits) if n else 0.0
+    return flat, float(denominator)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def signatures(dtype) -> dict[str, tuple]:
         "cross_entropy_probs_rows": (matrix, matrix, vector, real, real, real, per_row, vector,
                                      matrix, flag),
         "nll_loss_rows": (matrix, targets, vector, index, real, per_row, matrix, flag),
-        "check_targets": (targets, vector, index, per_row, targets),
+        "check_targets": (targets, vector, index, per_row),
         "sum_rows": (per_row, real, vector),
         "swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
         "cast": (vector, per_row),

@@ -458,20 +458,28 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad, warp_rows)
 
 
 @cuda.jit(cache=True)
-def check_targets(target, weight, ignore_index, kept_weight, first_bad):
-    """``kept_weight[i]``: ``weight[target[i]]``, 0 where ignored; ``first_bad[0]``: the smallest
-    position of a target outside ``[0, C)`` (left as it is where there is none)."""
-    i = cuda.grid(1)
-    if i >= target.shape[0]:
-        return
-    t = target[i]
-    if t == ignore_index:
-        kept_weight[i] = 0.0
-    elif t < 0 or t >= weight.shape[0]:
-        kept_weight[i] = 0.0
-        cuda.atomic.min(first_bad, 0, i)  # the minimum does not depend on the order
-    else:
-        kept_weight[i] = weight[t]
+def check_targets(target, weight, ignore_index, out):
+    """``out[0]``: the first position of a target outside ``[0, C)`` that is not
+    ``ignore_index`` (the target count where there is none); ``out[1]``: the sum of
+    ``weight[t]`` over the kept targets.  One block, in a fixed order (as :func:`sum_rows`), so
+    the caller learns both with one copy to the host."""
+    scratch = cuda.shared.array(WARP, float64)
+    n = target.shape[0]
+    first = float64(n)
+    denominator = float64(0.0)
+    for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        t = target[i]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= weight.shape[0]:
+            first = float64(i)  # this thread's first is its smallest: it walks up
+            break
+        denominator += weight[t]
+    first = -group_max(-first, False, scratch)
+    denominator = group_sum(denominator, False, scratch)
+    if cuda.threadIdx.x == 0:
+        out[0] = first
+        out[1] = denominator
 
 
 @cuda.jit(cache=True)
