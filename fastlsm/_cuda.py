@@ -164,23 +164,24 @@ class _Rows:
     like: _Array  # whose library allocates the scratch arrays
 
 
-def _launch_1d(n: int) -> tuple[int, int]:
-    threads = 256
-    return max(1, min(-(-n // threads), 65535)), threads
-
-
 def _scratch(shape: tuple[int, ...], dtype, like: _Array):
     """A device array for intermediate results, from ``like``'s library: PyTorch's and CuPy's
     allocators keep freed memory for reuse, where a Numba allocation is a cudaMalloc each time."""
     return _empty(shape, dtype, like)[1]
 
 
+def _cast_into(src, dst) -> None:
+    """``dst[...] = src`` in ``dst``'s dtype: C-ordered device arrays of one size, any shapes."""
+    if src.size:
+        threads = 256
+        blocks = min(-(-src.size // threads), 65535)  # the kernel strides over the rest
+        _kernels().cast[blocks, threads](src.reshape(src.size), dst.reshape(src.size))
+
+
 def _cast(src, dtype, like: _Array):
     """A C-ordered copy of ``src`` in ``dtype``, made on the device."""
     dst = _scratch(tuple(src.shape), dtype, like)
-    if src.size:
-        blocks, threads = _launch_1d(src.size)
-        _kernels().cast[blocks, threads](src.reshape(src.size), dst.reshape(src.size))
+    _cast_into(src, dst)
     return dst
 
 
@@ -234,7 +235,6 @@ def _unrows(rows: _Rows, target, dst) -> None:
     """Copy a kernel's ``(rows, classes)`` result into ``dst`` unless it wrote there already."""
     if rows.inner == 1 and dst.dtype == target.dtype:
         return
-    flat = dst.reshape(dst.size)
     if rows.inner > 1:
         swapped = (_scratch(tuple(dst.shape), target.dtype, rows.like)
                    if dst.dtype != target.dtype else dst)
@@ -243,8 +243,7 @@ def _unrows(rows: _Rows, target, dst) -> None:
         target = swapped
         if swapped is dst:
             return
-    blocks, threads = _launch_1d(flat.size)
-    _kernels().cast[blocks, threads](target.reshape(flat.size), flat)
+    _cast_into(target, dst)
 
 
 # --- launching ---------------------------------------------------------------------------------
@@ -324,12 +323,9 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
     n_rows = rows.matrix.shape[0]
     lse = (dst.reshape(n_rows) if dst.dtype == rows.matrix.dtype
            else _scratch((n_rows,), rows.matrix.dtype, array))
-    if rows.classes == 0:
-        lse.copy_to_device(np.full(n_rows, -np.inf, lse.dtype))
-    _launch_rows("logsumexp_rows", n_rows, rows.classes, rows.matrix, lse)
-    if dst.dtype != lse.dtype and n_rows:
-        blocks, threads = _launch_1d(n_rows)
-        _kernels().cast[blocks, threads](lse, dst.reshape(n_rows))
+    _launch_rows("logsumexp_rows", n_rows, rows.classes, rows.matrix, lse)  # -inf for no classes
+    if dst.dtype != lse.dtype:
+        _cast_into(lse, dst)
     if out is not None:
         return _deliver(dst, out, array)
     return _handed_back(result, array)
@@ -499,9 +495,7 @@ def _reduced(per_row, reduction: str, denominator: float, loss: _Loss):
     dtype = loss.rows.result_dtype
     if reduction == "none":
         result, dst = _empty(loss.row_shape, dtype, loss.logits)
-        if per_row.size:
-            blocks, threads = _launch_1d(per_row.size)
-            _kernels().cast[blocks, threads](per_row, dst.reshape(per_row.size))
+        _cast_into(per_row, dst)
         return result
     result, dst = _empty((), dtype, loss.logits)
     divisor = denominator if reduction == "mean" else 1.0
@@ -520,9 +514,7 @@ def _finish(loss: _Loss, value, grad, grad_out, lse):
                        else _deliver(dst, grad_out, like))
     if lse is not None:
         lse_result, dst = _empty(loss.row_shape, loss.rows.result_dtype, like)
-        if lse.size:
-            blocks, threads = _launch_1d(lse.size)
-            _kernels().cast[blocks, threads](lse, dst.reshape(lse.size))
+        _cast_into(lse, dst)
         results.append(_handed_back(lse_result, like))
     return results[0] if len(results) == 1 else tuple(results)
 
