@@ -262,9 +262,21 @@ def _max_threads(kernel, signature) -> int:
     return kernel.compile(signature).max_threads_per_block
 
 
+def _block_threads(kernel, args: tuple, n_classes: int) -> int:
+    """Threads of a block that takes ``n_classes`` of a row: ``ceil(n_classes / VALUES)``,
+    within :data:`MIN_BLOCK` to :data:`MAX_BLOCK` and what the kernel's registers allow."""
+    k = _kernels()
+    threads = min(MAX_BLOCK, max(MIN_BLOCK, -(-n_classes // (k.VALUES * k.WARP)) * k.WARP))
+    typeof = getattr(kernel, "typeof_pyval", None)
+    if typeof is not None:  # the simulator has no registers to run out of
+        limit = _max_threads(kernel, tuple(typeof(a) for a in args))
+        threads = min(threads, limit // k.WARP * k.WARP)
+    return threads
+
+
 def _launch_rows(name: str, n_rows: int, n_classes: int, *args) -> None:
     """Run row kernel ``name``: a warp per row for rows that fit the warp's registers, else a
-    block per row of ``ceil(classes / VALUES)`` threads, within what its registers allow."""
+    block per row (:func:`_block_threads`)."""
     if n_rows == 0:
         return
     k = _kernels()
@@ -274,17 +286,57 @@ def _launch_rows(name: str, n_rows: int, n_classes: int, *args) -> None:
     if warp_rows:
         kernel[-(-n_rows // ROWS_PER_BLOCK), ROWS_PER_BLOCK * k.WARP](*args)
         return
-    threads = min(MAX_BLOCK, max(MIN_BLOCK, -(-n_classes // (k.VALUES * k.WARP)) * k.WARP))
-    typeof = getattr(kernel, "typeof_pyval", None)
-    if typeof is not None:  # the simulator has no registers to run out of
-        limit = _max_threads(kernel, tuple(typeof(a) for a in args))
-        threads = min(threads, limit // k.WARP * k.WARP)
-    kernel[n_rows, threads](*args)
+    kernel[n_rows, _block_threads(kernel, args, n_classes)](*args)
+
+
+# A row is split across blocks when the rows are too few for a block each to keep the GPU busy.
+# Not yet timed on a GPU: the thresholds follow from the launch shapes alone.  Up to half as many
+# rows as multiprocessors, each row gets enough segments for two blocks a multiprocessor, and a
+# segment at least MIN_SEGMENT classes (two warps' worth of registers).
+MIN_SEGMENT = 2048
+
+
+@functools.cache
+def _multiprocessors() -> int:
+    # The simulator's device has no multiprocessor count; it runs one block at a time.
+    return getattr(_cuda().get_current_device(), "MULTIPROCESSOR_COUNT", 1)
+
+
+def _segments(n_rows: int, n_classes: int) -> int:
+    """How many blocks share each row (1: a row is not split)."""
+    multiprocessors = _multiprocessors()
+    if n_rows == 0 or 2 * n_rows > multiprocessors:
+        return 1
+    return max(1, min(-(-2 * multiprocessors // n_rows), n_classes // MIN_SEGMENT))
+
+
+def _launch_softmax_family(name: str, rows: _Rows, out) -> None:
+    """``name`` (log_softmax, softmax or logsumexp) of ``rows.matrix`` into ``out``: in one pass,
+    or, for rows split into segments, the segments' ``(m, s)`` and then a pass that merges
+    them and writes (:mod:`fastlsm.cuda.kernels`)."""
+    matrix = rows.matrix
+    n_rows, n_classes = matrix.shape
+    segments = _segments(n_rows, n_classes)
+    if segments == 1:
+        _launch_rows(f"{name}_rows", n_rows, n_classes, matrix, out)
+        return
+    k = _kernels()
+    partials = _scratch((n_rows, segments, 2), np.float64, rows.like)
+    length = -(-n_classes // segments)
+    blocks = n_rows * segments
+    k.segment_stats[blocks, _block_threads(k.segment_stats, (matrix, partials), length)](
+        matrix, partials)
+    if name == "logsumexp":
+        k.logsumexp_segments[n_rows, _reduction_threads(segments)](partials, out)
+        return
+    kernel = getattr(k, f"{name}_segments")
+    args = (matrix, partials, out)
+    kernel[blocks, _block_threads(kernel, args, length)](*args)
 
 
 # --- log_softmax, softmax, logsumexp and the backward passes ------------------------------------
 
-def _elementwise(kernel: str, x, axis, out):
+def _elementwise(name: str, x, axis, out):
     array = _device_array(x, "x")
     axes = d.normalize_axes(axis, len(array.view.shape))
     rows = _rows(array, axes, "x")
@@ -294,7 +346,7 @@ def _elementwise(kernel: str, x, axis, out):
     else:
         result, dst = out, _out_view(out, shape, rows.result_dtype, array, "out")
     target = _matrix_target(rows, dst)
-    _launch_rows(kernel, rows.matrix.shape[0], rows.classes, rows.matrix, target)
+    _launch_softmax_family(name, rows, target)
     _unrows(rows, target, dst)
     if out is not None:
         return _deliver(dst, out, array)
@@ -302,11 +354,11 @@ def _elementwise(kernel: str, x, axis, out):
 
 
 def log_softmax(x, axis=-1, *, out=None):
-    return _elementwise("log_softmax_rows", x, axis, out)
+    return _elementwise("log_softmax", x, axis, out)
 
 
 def softmax(x, axis=-1, *, out=None):
-    return _elementwise("softmax_rows", x, axis, out)
+    return _elementwise("softmax", x, axis, out)
 
 
 def logsumexp(x, axis=-1, *, keepdims=False, out=None):
@@ -323,7 +375,7 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
     n_rows = rows.matrix.shape[0]
     lse = (dst.reshape(n_rows) if dst.dtype == rows.matrix.dtype
            else _scratch((n_rows,), rows.matrix.dtype, array))
-    _launch_rows("logsumexp_rows", n_rows, rows.classes, rows.matrix, lse)  # -inf for no classes
+    _launch_softmax_family("logsumexp", rows, lse)  # -inf for no classes
     if dst.dtype != lse.dtype:
         _cast_into(lse, dst)
     if out is not None:

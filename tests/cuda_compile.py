@@ -21,6 +21,7 @@ def signatures(dtype) -> dict[str, tuple]:
     f = from_dtype(np.dtype(dtype))
     matrix, vector = types.Array(f, 2, "C"), types.Array(f, 1, "C")
     per_row, targets = types.Array(types.float64, 1, "C"), types.Array(types.int64, 1, "C")
+    partials = types.Array(types.float64, 3, "C")
     flag, real, index = types.boolean, types.float64, types.int64
     return {
         "log_softmax_rows": (matrix, matrix, flag),
@@ -33,6 +34,10 @@ def signatures(dtype) -> dict[str, tuple]:
         "cross_entropy_probs_rows": (matrix, matrix, vector, real, real, real, per_row, vector,
                                      matrix, flag),
         "nll_loss_rows": (matrix, targets, vector, index, real, per_row, matrix, flag),
+        "segment_stats": (matrix, partials),
+        "log_softmax_segments": (matrix, partials, matrix),
+        "softmax_segments": (matrix, partials, matrix),
+        "logsumexp_segments": (partials, vector),
         "check_targets": (targets, vector, index, per_row),
         "sum_rows": (per_row, real, vector),
         "swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
@@ -41,7 +46,8 @@ def signatures(dtype) -> dict[str, tuple]:
 
 
 # Their cached row must stay in registers: local memory would be a second trip through L1.
-REGISTER_KERNELS = ("log_softmax_rows", "softmax_rows", "logsumexp_rows", "cross_entropy_rows")
+REGISTER_KERNELS = ("log_softmax_rows", "softmax_rows", "logsumexp_rows", "cross_entropy_rows",
+                    "segment_stats", "log_softmax_segments", "softmax_segments")
 
 
 def main(ccs: list[str]) -> int:

@@ -6,8 +6,9 @@ thread a Python thread, with a shim for the warp shuffles it lacks), so shapes s
 GPU the same tests run on the device.  ``test_kernels_compile_for_sm80_and_sm90`` compiles every
 kernel to PTX for real hardware either way.
 
-Shapes cover both launch modes: a warp per row (up to ``WARP * VALUES`` classes) and a block per
-row; ``streamed`` narrows the block so a row also has elements beyond the registers.
+Shapes cover the launch modes: a warp per row (up to ``WARP * VALUES`` classes), a block per row,
+and a row split across blocks; ``streamed`` narrows the block so a row also has elements beyond
+the registers, and ``split_rows`` makes a few rows count as too few for the GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def streamed(monkeypatch):
     return 64 * kernels.VALUES + 500
 
 
+@pytest.fixture
+def split_rows(monkeypatch):
+    """A GPU of 132 multiprocessors (an H100's), so that up to 66 rows are split into segments."""
+    monkeypatch.setattr(_cuda, "_multiprocessors", lambda: 132)
+
+
 def logits(shape, dtype, rng, nonfinite=True):
     """Scaled normal logits; with ``nonfinite``, rows that are all -inf, hold +inf, hold a nan,
     and hold -inf beside finite values (as many of them as there are rows)."""
@@ -92,6 +99,55 @@ def test_streamed_rows(streamed, rng):
     check_log(fastlsm.log_softmax(x, device="cuda"), lsm, F32, "log_softmax")
     check_prob(fastlsm.softmax(x, device="cuda"), ref.softmax(x), lsm, F32)
     check_log(fastlsm.logsumexp(x, device="cuda"), ref.logsumexp(x), F32, "logsumexp")
+
+
+def check_softmax_family(x, dtype):
+    lsm = ref.log_softmax(x)
+    check_log(fastlsm.log_softmax(x, device="cuda"), lsm, dtype, "log_softmax")
+    check_prob(fastlsm.softmax(x, device="cuda"), ref.softmax(x), lsm, dtype)
+    check_log(fastlsm.logsumexp(x, device="cuda"), ref.logsumexp(x), dtype, "logsumexp")
+
+
+def test_split_policy(split_rows, monkeypatch):
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 2048)
+    assert _cuda._segments(67, 10**6) == 1        # more than half as many rows as multiprocessors
+    assert _cuda._segments(66, 10**6) == 4        # two blocks a multiprocessor
+    assert _cuda._segments(1, 262144) == 128      # segments of at least MIN_SEGMENT classes
+    assert _cuda._segments(4, 2047) == 1
+    assert _cuda._segments(0, 10**6) == 1
+
+
+@pytest.fixture
+def warp_blocks(monkeypatch):
+    """Blocks of one warp (the simulator runs a block a second or so: split rows make many)."""
+    monkeypatch.setattr(_cuda, "MIN_BLOCK", kernels.WARP)
+    monkeypatch.setattr(_cuda, "MAX_BLOCK", kernels.WARP)
+    return kernels.WARP * kernels.VALUES
+
+
+def test_split_rows(split_rows, warp_blocks, monkeypatch, rng):
+    # Two segments a row, each 100 classes longer than its block's registers hold.
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", warp_blocks + 100)
+    x = logits((5, 2 * (warp_blocks + 100)), F32, rng)  # four non-finite rows, one finite
+    x[3, :-3] = -INF  # the first segment is all -inf: it adds nothing to the merge
+    assert _cuda._segments(*x.shape) == 2
+    check_softmax_family(x, F32)
+
+
+def test_split_rows_into_more_segments_than_threads(split_rows, warp_blocks, monkeypatch, rng):
+    # 34 segments of 33 classes: a block's 32 threads fold more than one segment's pair each.
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 32)
+    x = logits((1, 1100), F64, rng, nonfinite=False)
+    assert _cuda._segments(*x.shape) == 34
+    check_log(fastlsm.log_softmax(x, device="cuda"), ref.log_softmax(x), F64, "log_softmax")
+
+
+def test_split_rows_in_place(split_rows, warp_blocks, monkeypatch, rng):
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    x = logits((1, 1200), F64, rng, nonfinite=False)
+    rows = cuda.to_device(x)
+    fastlsm.log_softmax(rows, out=rows)  # each block reads its segment before writing it
+    check_log(rows.copy_to_host(), ref.log_softmax(x), F64, "log_softmax")
 
 
 @pytest.mark.parametrize("axis", [0, 1, (1, 2), None])

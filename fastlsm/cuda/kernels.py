@@ -8,6 +8,13 @@ registers (``cached``, fully unrolled: no local memory, checked on the PTX by th
 row that fits is read from memory once and written once; the part of a longer row beyond
 ``VALUES * size`` elements is streamed with the online (max, sum) merge and read again to write.
 
+When rows are long and too few to fill the GPU, a row is *split* into segments, one block each
+(the ``*_segments`` kernels): :func:`segment_stats` writes each segment's ``(m, s)``, and a second
+kernel merges a row's pairs (semantics.md's (max, sum) merge, in a fixed order) and writes its
+segment, which it reads again (from L2, where few rows fit).  The helpers below therefore take a
+thread's first element ``start`` and the end ``n`` of its part of the row, and the write phases
+are device functions shared by the one-pass and the split kernels.
+
 Reductions inside a group are warp shuffles (``shfl_xor_sync``) and, across the warps of a
 block, a fixed-order pass over shared memory: the result never depends on timing.  Sums of
 exponentials are float64; the exponentials themselves are computed in the row's dtype.
@@ -91,14 +98,13 @@ def log_of_sum(s):
 
 
 @cuda.jit(device=True)
-def load_row(x, row, rank, size, cached):
-    """Fill ``cached`` with this thread's first ``VALUES`` elements (-inf past the row's end)
-    and return their max."""
-    n = x.shape[1]
+def load_row(x, row, start, n, size, cached):
+    """Fill ``cached`` with this thread's first ``VALUES`` elements, ``start`` and every
+    ``size``-th after it (-inf from ``n`` on), and return their max."""
     low = x.dtype.type(-math.inf)
     m = low
     for k in range(VALUES):
-        j = rank + k * size
+        j = start + k * size
         v = x[row, j] if j < n else low
         cached[k] = v
         m = max_nan(m, v)
@@ -106,19 +112,18 @@ def load_row(x, row, rank, size, cached):
 
 
 @cuda.jit(device=True)
-def stream_stats(x, row, rank, size):
-    """``(m, s)`` of this thread's elements beyond the cached ones: the max and ``sum(exp(x - m))``
-    (0 while ``m`` is -inf), merged online ``UNROLL`` loads at a time."""
-    n = x.shape[1]
+def stream_stats(x, row, start, n, size):
+    """``(m, s)`` of this thread's elements beyond the cached ones, up to ``n``: the max and
+    ``sum(exp(x - m))`` (0 while ``m`` is -inf), merged online ``UNROLL`` loads at a time."""
     low = x.dtype.type(-math.inf)
     m = low
     s = 0.0
     step = size * UNROLL
-    for start in range(rank + VALUES * size, n, step):
-        a = x[row, start]
-        b = x[row, start + size] if start + size < n else low
-        c = x[row, start + 2 * size] if start + 2 * size < n else low
-        d = x[row, start + 3 * size] if start + 3 * size < n else low
+    for j in range(start + VALUES * size, n, step):
+        a = x[row, j]
+        b = x[row, j + size] if j + size < n else low
+        c = x[row, j + 2 * size] if j + 2 * size < n else low
+        d = x[row, j + 3 * size] if j + 3 * size < n else low
         chunk = max_nan(max_nan(a, b), max_nan(c, d))
         if chunk > m or chunk != chunk:
             s *= math.exp(m - chunk)  # 0 * 0 while m was -inf
@@ -129,15 +134,16 @@ def stream_stats(x, row, rank, size):
 
 
 @cuda.jit(device=True)
-def row_stats(x, row, rank, size, cached, warp_rows, scratch):
-    """``(m, s)`` of the row: its max (float64, nan if it holds a nan) and
-    ``s = sum(exp(x - finite_or_zero(m)))`` (float64), the same in every thread of the group.
+def row_stats(x, row, start, n, size, cached, warp_rows, scratch):
+    """``(m, s)`` of the group's part of the row (its elements from ``start - rank`` to ``n``):
+    its max (float64, nan if it holds a nan) and ``s = sum(exp(x - finite_or_zero(m)))``
+    (float64), the same in every thread of the group.
 
-    Fills ``cached`` (:func:`load_row`).  A row whose max is not finite sums ``exp(x)`` again
+    Fills ``cached`` (:func:`load_row`).  A part whose max is not finite sums ``exp(x)`` again
     from memory: SciPy's answers for it (inf, nan) come from that unshifted sum.
     """
-    m_cached = load_row(x, row, rank, size, cached)
-    m_stream, s_stream = stream_stats(x, row, rank, size)
+    m_cached = load_row(x, row, start, n, size, cached)
+    m_stream, s_stream = stream_stats(x, row, start, n, size)
     m = group_max(max_nan(m_cached, m_stream), warp_rows, scratch)
     s = 0.0
     if math.isfinite(m):
@@ -149,7 +155,7 @@ def row_stats(x, row, rank, size, cached, warp_rows, scratch):
     else:  # rare: no need to stream well
         for k in range(VALUES):
             s += math.exp(cached[k])
-        for j in range(rank + VALUES * size, x.shape[1], size):
+        for j in range(start + VALUES * size, n, size):
             s += math.exp(x[row, j])
     return m, group_sum(s, warp_rows, scratch)
 
@@ -172,12 +178,53 @@ def tail_chunks(first, n, size):
 
 
 @cuda.jit(device=True)
-def load_chunk(a, row, j, size, chunk):
-    """``chunk[u] = a[row, j + u * size]``, 0 past the row's end."""
-    n = a.shape[1]
+def load_chunk(a, row, j, n, size, chunk):
+    """``chunk[u] = a[row, j + u * size]``, 0 from ``n`` on."""
     for u in range(UNROLL):
         jj = j + u * size
         chunk[u] = a[row, jj] if jj < n else 0
+
+
+@cuda.jit(device=True)
+def write_log_softmax(x, out, row, start, n, size, cached, m, s):
+    """``out = (x - shift) - log(s)`` over this thread's elements (``shift`` kept apart from the
+    log for float32 accuracy where ``|m|`` is large)."""
+    shift = x.dtype.type(finite_or_zero(m))
+    log_s = x.dtype.type(log_of_sum(s))
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            out[row, j] = (cached[k] - shift) - log_s
+    first = start + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, n, size, chunk)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                out[row, j + u * size] = (chunk[u] - shift) - log_s
+
+
+@cuda.jit(device=True)
+def write_softmax(x, out, row, start, n, size, cached, m, s):
+    if not math.isfinite(m):  # SciPy: exp(x - max) / sum is nan throughout
+        for j in range(start, n, size):
+            out[row, j] = math.nan
+        return
+    shift = x.dtype.type(m)
+    inverse = x.dtype.type(1.0 / s)
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            out[row, j] = math.exp(cached[k] - shift) * inverse
+    first = start + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, n, size, chunk)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                out[row, j + u * size] = math.exp(chunk[u] - shift) * inverse
 
 
 @cuda.jit(cache=True)
@@ -187,22 +234,9 @@ def log_softmax_rows(x, out, warp_rows):
         return
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
-    shift = x.dtype.type(finite_or_zero(m))
-    log_s = x.dtype.type(log_of_sum(s))
     n = x.shape[1]
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            out[row, j] = (cached[k] - shift) - log_s
-    first = rank + VALUES * size
-    chunk = cuda.local.array(UNROLL, x.dtype)
-    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
-        j = first + q * UNROLL * size
-        load_chunk(x, row, j, size, chunk)
-        for u in range(UNROLL):
-            if j + u * size < n:
-                out[row, j + u * size] = (chunk[u] - shift) - log_s
+    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    write_log_softmax(x, out, row, rank, n, size, cached, m, s)
 
 
 @cuda.jit(cache=True)
@@ -212,26 +246,9 @@ def softmax_rows(x, out, warp_rows):
         return
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
     n = x.shape[1]
-    if not math.isfinite(m):  # SciPy: exp(x - max) / sum is nan throughout
-        for j in range(rank, n, size):
-            out[row, j] = math.nan
-        return
-    shift = x.dtype.type(m)
-    inverse = x.dtype.type(1.0 / s)
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            out[row, j] = math.exp(cached[k] - shift) * inverse
-    first = rank + VALUES * size
-    chunk = cuda.local.array(UNROLL, x.dtype)
-    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
-        j = first + q * UNROLL * size
-        load_chunk(x, row, j, size, chunk)
-        for u in range(UNROLL):
-            if j + u * size < n:
-                out[row, j + u * size] = math.exp(chunk[u] - shift) * inverse
+    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    write_softmax(x, out, row, rank, n, size, cached, m, s)
 
 
 @cuda.jit(cache=True)
@@ -241,8 +258,84 @@ def logsumexp_rows(x, out, warp_rows):
         return
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    m, s = row_stats(x, row, rank, x.shape[1], size, cached, warp_rows, scratch)
     if rank == 0:
+        out[row] = finite_or_zero(m) + log_of_sum(s)
+
+
+# --- split rows ----------------------------------------------------------------------------------
+# Block b holds segment b % segments of row b // segments, where ``segments`` is
+# ``partials.shape[1]``; ``partials[row, segment] = (m, s)`` as row_stats gives them for the segment.
+
+@cuda.jit(device=True)
+def block_segment(n_classes, segments):
+    """``(row, segment, lo, hi)``: this block's row, its segment, and the segment's classes."""
+    row = int64(cuda.blockIdx.x) // segments
+    segment = int64(cuda.blockIdx.x) % segments
+    length = (n_classes + segments - 1) // segments
+    lo = segment * length
+    return row, segment, lo, min(lo + length, n_classes)
+
+
+@cuda.jit(device=True)
+def merged_stats(partials, row, scratch):
+    """The row's ``(m, s)`` from its segments' pairs, in the block's fixed order: ``m`` the max,
+    ``s`` each segment's sum rescaled to ``finite_or_zero(m)``.  An all -inf segment adds
+    nothing (its ``s`` is 0, and ``exp(-inf - -inf)`` would be nan)."""
+    segments = partials.shape[1]
+    m = -math.inf
+    for k in range(cuda.threadIdx.x, segments, cuda.blockDim.x):
+        m = max_nan(m, partials[row, k, 0])
+    m = group_max(m, False, scratch)
+    shift = finite_or_zero(m)
+    s = 0.0
+    for k in range(cuda.threadIdx.x, segments, cuda.blockDim.x):
+        m_k = partials[row, k, 0]
+        if m_k != -math.inf:
+            s += partials[row, k, 1] * math.exp(finite_or_zero(m_k) - shift)
+    return m, group_sum(s, False, scratch)
+
+
+@cuda.jit(cache=True)
+def segment_stats(x, partials):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, lo + cuda.threadIdx.x, hi, cuda.blockDim.x, cached, False, scratch)
+    if cuda.threadIdx.x == 0:
+        partials[row, segment, 0] = m
+        partials[row, segment, 1] = s
+
+
+@cuda.jit(cache=True)
+def log_softmax_segments(x, partials, out):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = merged_stats(partials, row, scratch)
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    load_row(x, row, start, hi, size, cached)
+    write_log_softmax(x, out, row, start, hi, size, cached, m, s)
+
+
+@cuda.jit(cache=True)
+def softmax_segments(x, partials, out):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = merged_stats(partials, row, scratch)
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    load_row(x, row, start, hi, size, cached)
+    write_softmax(x, out, row, start, hi, size, cached, m, s)
+
+
+@cuda.jit(cache=True)
+def logsumexp_segments(partials, out):
+    """One block a row: ``out[row]`` from the row's merged segments."""
+    scratch = cuda.shared.array(WARP, float64)
+    row = int64(cuda.blockIdx.x)
+    m, s = merged_stats(partials, row, scratch)
+    if cuda.threadIdx.x == 0:
         out[row] = finite_or_zero(m) + log_of_sum(s)
 
 
@@ -334,7 +427,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     want_grad = grad.shape[0] > 0
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
     log_s = log_of_sum(s)
     row_lse = finite_or_zero(m) + log_s
     smooth = 0.0
@@ -377,7 +470,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x, row, j, size, chunk)
+        load_chunk(x, row, j, n, size, chunk)
         for u in range(UNROLL):
             ju = j + u * size
             if ju < n:
@@ -393,7 +486,7 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
     n = x.shape[1]
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, size, cached, warp_rows, scratch)
+    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
     log_s = log_of_sum(s)
     row_lse = finite_or_zero(m) + log_s
     if rank == 0:
