@@ -411,10 +411,10 @@ def softmax_backward(grad_output, output, axis=-1):
 
 # --- losses ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
-def _no_grad(dtype: np.dtype):
-    """The ``(0, 0)`` gradient that tells a loss kernel to write none."""
-    return _cuda().device_array((0, 0), dtype)
+@functools.lru_cache(maxsize=8)
+def _nothing(shape: tuple[int, ...], dtype: np.dtype):
+    """An empty array that tells a loss kernel to write no gradient ``(0, 0)`` or no lse ``(0,)``."""
+    return _cuda().device_array(shape, dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -422,8 +422,9 @@ def _unit_weight(n_classes: int, dtype: np.dtype):
     return _cuda().to_device(np.ones(n_classes, dtype))
 
 
-def _weight(weight, n_classes: int, dtype: np.dtype, like: _Array):
-    """``(weights on the device in dtype, their sum)``."""
+def _weight(weight, n_classes: int, dtype: np.dtype, like: _Array, need_total: bool):
+    """``(weights on the device in dtype, their sum)``; the sum (a trip to the device and back)
+    only where ``need_total`` says the caller uses it, 0 otherwise."""
     if weight is None:
         return _unit_weight(n_classes, dtype), float(n_classes)
     w = _device_array(weight, "weight").view
@@ -432,7 +433,7 @@ def _weight(weight, n_classes: int, dtype: np.dtype, like: _Array):
                          f"got shape {tuple(w.shape)}")
     if w.dtype != dtype:
         w = _cast(w, dtype, like)
-    return w, _device_sum(w, like)
+    return w, _device_sum(w, like) if need_total else 0.0
 
 
 def _reduction_threads(n: int) -> int:
@@ -461,15 +462,15 @@ class _Loss:
     class_axis: int
     row_shape: tuple[int, ...]
     weight: Any
-    total_weight: float
+    total_weight: float  # sum of the weights where asked for (label smoothing), else 0
 
 
-def _loss_inputs(input, weight, axis) -> _Loss:
+def _loss_inputs(input, weight, axis, need_total: bool) -> _Loss:
     logits = _device_array(input, "input")
     shape = tuple(logits.view.shape)
     class_axis = _loss._class_axis(_ShapeOnly(shape, logits.view.dtype), axis)
     rows = _rows(logits, (class_axis,), "input")
-    w, total = _weight(weight, shape[class_axis], rows.matrix.dtype, logits)
+    w, total = _weight(weight, shape[class_axis], rows.matrix.dtype, logits, need_total)
     return _Loss(logits, rows, class_axis, shape[:class_axis] + shape[class_axis + 1:], w, total)
 
 
@@ -494,7 +495,7 @@ def _class_targets(target, loss: _Loss, ignore_index: int):
     shape = tuple(t.view.shape)
     _loss._check_target_shape(_LossShapes(loss), _ShapeOnly(shape, t.view.dtype))
     n = math.prod(shape)
-    flat = t.view.reshape(n)
+    flat = t.view if len(shape) == 1 else t.view.reshape(n)
     if flat.dtype != np.int64:
         flat = _cast(flat, np.int64, loss.logits)
     k = _kernels()
@@ -532,7 +533,7 @@ def _grad_target(loss: _Loss, want_grad: bool, grad_out):
     """``(result, dst, target)`` for the gradient, or Nones and a ``(0, 0)`` target."""
     rows = loss.rows
     if not want_grad:
-        return None, None, _no_grad(rows.matrix.dtype)
+        return None, None, _nothing((0, 0), rows.matrix.dtype)
     shape = tuple(loss.logits.view.shape)
     if grad_out is None:
         result, dst = _empty(shape, rows.result_dtype, loss.logits)
@@ -576,11 +577,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                   return_lse=False):
     ignore_index, label_smoothing, z_loss = _loss._check_options(ignore_index, reduction,
                                                                  label_smoothing, z_loss)
-    loss = _loss_inputs(input, weight, axis)
+    loss = _loss_inputs(input, weight, axis, need_total=label_smoothing > 0.0)
     rows = loss.rows
     n_rows = rows.matrix.shape[0]
     per_row = _scratch((n_rows,), np.float64, loss.logits)
-    lse = _scratch((n_rows,), rows.matrix.dtype, loss.logits)
+    lse = (_scratch((n_rows,), rows.matrix.dtype, loss.logits) if return_lse
+           else _nothing((0,), rows.matrix.dtype))
     target_shape = tuple(target.shape) if hasattr(target, "shape") else np.shape(target)
     want_grad = return_grad or grad_out is not None
     if target_shape == tuple(loss.logits.view.shape) and loss.logits.view.ndim > 0:
@@ -597,18 +599,43 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:
         flat, denominator = _class_targets(target, loss, ignore_index)
         grad = _grad_target(loss, want_grad, grad_out)
-        _launch_rows("cross_entropy_rows", n_rows, rows.classes, rows.matrix, flat, loss.weight,
-                     loss.total_weight, ignore_index, label_smoothing, z_loss,
-                     _loss._scale(reduction, denominator), per_row, lse, grad[2])
+        args = (loss.weight, loss.total_weight, ignore_index, label_smoothing, z_loss,
+                _loss._scale(reduction, denominator))
+        _launch_cross_entropy(rows, flat, args, per_row, lse, grad[2])
     value = _reduced(per_row, reduction, denominator, loss)
     return _finish(loss, value, grad if want_grad else None, grad_out,
                    lse if return_lse else None)
 
 
+def _launch_cross_entropy(rows: _Rows, target, args: tuple, per_row, lse, grad) -> None:
+    """The class-index loss kernel over ``rows``, or its split form where the rows are long and
+    few (as :func:`_launch_softmax_family`).  ``args``: weight, total weight, ignore_index,
+    label_smoothing, z_loss and the gradient's scale."""
+    matrix = rows.matrix
+    n_rows, n_classes = matrix.shape
+    segments = _segments(n_rows, n_classes)
+    if segments == 1:
+        _launch_rows("cross_entropy_rows", n_rows, n_classes, matrix, target, *args, per_row, lse,
+                     grad)
+        return
+    k = _kernels()
+    partials = _scratch((n_rows, segments, k.CROSS_ENTROPY_PARTIALS), np.float64, rows.like)
+    weight, smoothing = args[0], args[3]
+    length = -(-n_classes // segments)
+    stats_args = (matrix, target, weight, smoothing, partials)
+    k.cross_entropy_segment_stats[n_rows * segments,
+                                  _block_threads(k.cross_entropy_segment_stats, stats_args,
+                                                 length)](*stats_args)
+    finish_args = (matrix, target, *args, partials, per_row, lse, grad)
+    k.cross_entropy_segments[n_rows * segments,
+                             _block_threads(k.cross_entropy_segments, finish_args, length)](
+        *finish_args)
+
+
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *, axis=1,
              return_grad=False, grad_out=None):
     ignore_index = _loss._check_options(ignore_index, reduction, 0.0, 0.0)[0]
-    loss = _loss_inputs(input, weight, axis)
+    loss = _loss_inputs(input, weight, axis, need_total=False)
     rows = loss.rows
     flat, denominator = _class_targets(target, loss, ignore_index)
     want_grad = return_grad or grad_out is not None

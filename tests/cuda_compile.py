@@ -38,6 +38,9 @@ def signatures(dtype) -> dict[str, tuple]:
         "log_softmax_segments": (matrix, partials, matrix),
         "softmax_segments": (matrix, partials, matrix),
         "logsumexp_segments": (partials, vector),
+        "cross_entropy_segment_stats": (matrix, targets, vector, real, partials),
+        "cross_entropy_segments": (matrix, targets, vector, real, index, real, real, real,
+                                   partials, per_row, vector, matrix),
         "check_targets": (targets, vector, index, per_row),
         "sum_rows": (per_row, real, vector),
         "swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
@@ -47,7 +50,8 @@ def signatures(dtype) -> dict[str, tuple]:
 
 # Their cached row must stay in registers: local memory would be a second trip through L1.
 REGISTER_KERNELS = ("log_softmax_rows", "softmax_rows", "logsumexp_rows", "cross_entropy_rows",
-                    "segment_stats", "log_softmax_segments", "softmax_segments")
+                    "segment_stats", "log_softmax_segments", "softmax_segments",
+                    "cross_entropy_segment_stats", "cross_entropy_segments")
 
 
 def main(ccs: list[str]) -> int:

@@ -279,6 +279,42 @@ def test_cross_entropy_long_rows(streamed, rng):
         check_grad(grad, expected[1], scales, x, F64, f"{options} grad")
 
 
+def test_cross_entropy_split_rows(split_rows, warp_blocks, monkeypatch, rng):
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    n = 1200  # two segments a row
+    x = logits((5, n), F64, rng)  # rows: all -inf, +inf, nan, first segment all -inf, finite
+    target = np.array([5, 1, n - 1, 2 * n // 3, 7])  # in both segments
+    weight = rng.uniform(0.5, 2.0, n)
+    assert _cuda._segments(*x.shape) == 2
+    case = make_case("NC", rng)  # only for error_scales' shape-independent fields
+    case.x, case.target = x, target
+    # ignore_index=1 drops the +inf row; the finite row then checks the merged smoothing sum.
+    for options in ({}, dict(label_smoothing=0.1, weight=weight, ignore_index=1, z_loss=1e-3)):
+        expected_loss, expected_grad, expected_lse = loss_ref.cross_entropy(
+            x, target, reduction="none", **options)
+        loss, grad, lse = fastlsm.cross_entropy(x, target, reduction="none", return_grad=True,
+                                                return_lse=True, device="cuda", **options)
+        case.weight = options.get("weight")
+        scales = error_scales(case, "none", options.get("label_smoothing", 0.0),
+                              options.get("z_loss", 0.0))
+        check_loss(loss, expected_loss, scales, F64, "none", (5,), f"{options} loss")
+        check_grad(grad, expected_grad, scales, x, F64, f"{options} grad")
+        check_lse(lse, expected_lse, scales, (5,), F64, f"{options} lse")
+
+
+def test_cross_entropy_split_rows_mean_and_in_place(split_rows, warp_blocks, monkeypatch, rng):
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    x = rng.standard_normal((3, 1200))
+    target = np.array([0, 599, 600])  # each a segment's first or last class
+    options = dict(weight=rng.uniform(0.5, 2.0, 1200), label_smoothing=0.2)
+    expected_loss, expected_grad = fastlsm.cross_entropy(x, target, return_grad=True, **options)
+    np.testing.assert_allclose(fastlsm.cross_entropy(x, target, device="cuda", **options),
+                               expected_loss, rtol=1e-12)
+    dx = cuda.to_device(x)
+    _, same = fastlsm.cross_entropy(dx, target, grad_out=dx, **options)
+    assert same is dx  # the target's logit was read before any block wrote over it
+    np.testing.assert_allclose(dx.copy_to_host(), expected_grad, rtol=0, atol=1e-15)
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nll_loss(reduction, rng):
     case = make_case("NCd", rng, weighted=True, ignore="-100")

@@ -395,23 +395,78 @@ def softmax_backward_rows(grad_output, output, grad_input, warp_rows):
 # gradient of the reduced loss where ``grad`` is not a (0, 0) array.
 
 @cuda.jit(device=True)
-def fill_row(grad, row, rank, size, value):
-    for j in range(rank, grad.shape[1], size):
+def fill_row(grad, row, start, n, size, value):
+    for j in range(start, n, size):
         grad[row, j] = value
 
 
 @cuda.jit(device=True)
-def weighted_shifted_sum(x, row, rank, size, cached, weight, shift, warp_rows, scratch):
-    """``sum_c weight[c] * (x[c] - shift)`` over the row (float64), for label smoothing."""
-    n = x.shape[1]
+def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_rows, scratch):
+    """``sum_c weight[c] * (x[c] - shift)`` over the group's part of the row (float64), for
+    label smoothing."""
     partial = 0.0
     for k in range(VALUES):
-        j = rank + k * size
+        j = start + k * size
         if j < n:
             partial += weight[j] * (cached[k] - shift)
-    for j in range(rank + VALUES * size, n, size):
+    for j in range(start + VALUES * size, n, size):
         partial += weight[j] * (x[row, j] - shift)
     return group_sum(partial, warp_rows, scratch)
+
+
+@cuda.jit(device=True)
+def finish_cross_entropy(x, row, start, n, size, leader, cached, m, s, weighted, t, ignored, x_t,
+                         weight, total_weight, smoothing, z_loss, scale, loss, lse, grad):
+    """The row's loss and lse (written by the ``leader`` thread) and the gradient over this
+    thread's elements, from the row's ``(m, s)`` and ``weighted = sum_c weight[c] * (x[c] - m)``
+    (used with label smoothing)."""
+    n_classes = x.shape[1]
+    log_s = log_of_sum(s)
+    row_lse = finite_or_zero(m) + log_s
+    if leader and lse.shape[0] > 0:
+        lse[row] = row_lse
+    want_grad = grad.shape[0] > 0
+    if ignored:
+        if leader:
+            loss[row] = 0.0
+        if want_grad:
+            fill_row(grad, row, start, n, size, 0.0)
+        return
+    if not math.isfinite(m):  # PyTorch: a +inf, all -inf or nan row is all nan
+        if leader:
+            loss[row] = math.nan
+        if want_grad:
+            fill_row(grad, row, start, n, size, math.nan)
+        return
+    w_t = weight[t]
+    if leader:
+        nll = -w_t * ((x_t - x.dtype.type(m)) - log_s)
+        smooth = total_weight * log_s - weighted if smoothing > 0.0 else 0.0
+        loss[row] = ((1.0 - smoothing) * nll + smoothing / n_classes * smooth
+                     + z_loss * row_lse * row_lse)
+    if not want_grad:
+        return
+    shift = x.dtype.type(m)
+    p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
+                      + 2.0 * z_loss * row_lse)
+    a = x.dtype.type(p_coef / s)
+    b = x.dtype.type(scale * smoothing / n_classes)
+    target_term = x.dtype.type(scale * (1.0 - smoothing) * w_t)
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            g = math.exp(cached[k] - shift) * a - weight[j] * b
+            grad[row, j] = g - target_term if j == t else g
+    first = start + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x, row, j, n, size, chunk)
+        for u in range(UNROLL):
+            ju = j + u * size
+            if ju < n:
+                g = math.exp(chunk[u] - shift) * a - weight[ju] * b
+                grad[row, ju] = g - target_term if ju == t else g
 
 
 @cuda.jit(cache=True)
@@ -424,58 +479,72 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     t = target[row]
     ignored = t == ignore_index
     x_t = x[row, t] if not ignored else x.dtype.type(0.0)  # read first: grad may be x
-    want_grad = grad.shape[0] > 0
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
     m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
-    log_s = log_of_sum(s)
-    row_lse = finite_or_zero(m) + log_s
-    smooth = 0.0
+    weighted = 0.0
     if smoothing > 0.0 and math.isfinite(m) and not ignored:
-        smooth = total_weight * log_s - weighted_shifted_sum(x, row, rank, size, cached, weight,
-                                                             x.dtype.type(m), warp_rows, scratch)
-    if rank == 0:
-        lse[row] = row_lse
-    if ignored:
-        if rank == 0:
-            loss[row] = 0.0
-        if want_grad:
-            fill_row(grad, row, rank, size, 0.0)
-        return
-    if not math.isfinite(m):  # PyTorch: a +inf, all -inf or nan row is all nan
-        if rank == 0:
-            loss[row] = math.nan
-        if want_grad:
-            fill_row(grad, row, rank, size, math.nan)
-        return
-    w_t = weight[t]
-    if rank == 0:
-        nll = -w_t * ((x_t - x.dtype.type(m)) - log_s)
-        loss[row] = ((1.0 - smoothing) * nll + smoothing / n * smooth
-                     + z_loss * row_lse * row_lse)
-    if not want_grad:
-        return
-    shift = x.dtype.type(m)
-    p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n * total_weight
-                      + 2.0 * z_loss * row_lse)
-    a = x.dtype.type(p_coef / s)
-    b = x.dtype.type(scale * smoothing / n)
-    target_term = x.dtype.type(scale * (1.0 - smoothing) * w_t)
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            g = math.exp(cached[k] - shift) * a - weight[j] * b
-            grad[row, j] = g - target_term if j == t else g
-    first = rank + VALUES * size
-    chunk = cuda.local.array(UNROLL, x.dtype)
-    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
-        j = first + q * UNROLL * size
-        load_chunk(x, row, j, n, size, chunk)
-        for u in range(UNROLL):
-            ju = j + u * size
-            if ju < n:
-                g = math.exp(chunk[u] - shift) * a - weight[ju] * b
-                grad[row, ju] = g - target_term if ju == t else g
+        weighted = weighted_shifted_sum(x, row, rank, n, size, cached, weight, x.dtype.type(m),
+                                        warp_rows, scratch)
+    finish_cross_entropy(x, row, rank, n, size, rank == 0, cached, m, s, weighted, t, ignored, x_t,
+                         weight, total_weight, smoothing, z_loss, scale, loss, lse, grad)
+
+
+# A split row's partials for the loss: ``(m, s, sum_c w_c (x_c - finite_or_zero(m)), sum_c w_c)``
+# of each segment (the last two with label smoothing only), and in ``[row, 0, 4]`` the target's
+# logit, read by its segment before any block writes a gradient over it (grad may be x).
+CROSS_ENTROPY_PARTIALS = 5
+
+
+@cuda.jit(cache=True)
+def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, start, hi, size, cached, False, scratch)
+    weighted = 0.0
+    total = 0.0
+    if smoothing > 0.0:
+        weighted = weighted_shifted_sum(x, row, start, hi, size, cached, weight,
+                                        x.dtype.type(finite_or_zero(m)), False, scratch)
+        for j in range(start, hi, size):
+            total += weight[j]
+        total = group_sum(total, False, scratch)
+    if cuda.threadIdx.x == 0:
+        partials[row, segment, 0] = m
+        partials[row, segment, 1] = s
+        partials[row, segment, 2] = weighted
+        partials[row, segment, 3] = total
+        t = target[row]
+        if lo <= t < hi:
+            partials[row, 0, 4] = x[row, t]
+
+
+@cuda.jit(cache=True)
+def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
+                           partials, loss, lse, grad):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    if segment > 0 and grad.shape[0] == 0:
+        return  # the first segment's block writes the loss; without a gradient, nothing else
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = merged_stats(partials, row, scratch)
+    t = target[row]
+    ignored = t == ignore_index
+    x_t = x.dtype.type(partials[row, 0, 4]) if not ignored else x.dtype.type(0.0)
+    weighted = 0.0
+    if smoothing > 0.0 and math.isfinite(m) and not ignored:
+        for k in range(cuda.threadIdx.x, partials.shape[1], cuda.blockDim.x):
+            weighted += (partials[row, k, 2]
+                         + (finite_or_zero(partials[row, k, 0]) - m) * partials[row, k, 3])
+        weighted = group_sum(weighted, False, scratch)
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    if grad.shape[0] > 0:
+        load_row(x, row, start, hi, size, cached)
+    finish_cross_entropy(x, row, start, hi, size, segment == 0 and cuda.threadIdx.x == 0, cached,
+                         m, s, weighted, t, ignored, x_t, weight, total_weight, smoothing, z_loss,
+                         scale, loss, lse, grad)
 
 
 @cuda.jit(cache=True)
@@ -489,14 +558,14 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
     m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
     log_s = log_of_sum(s)
     row_lse = finite_or_zero(m) + log_s
-    if rank == 0:
+    if rank == 0 and lse.shape[0] > 0:
         lse[row] = row_lse
     want_grad = grad.shape[0] > 0
     if not math.isfinite(m):
         if rank == 0:
             loss[row] = math.nan
         if want_grad:
-            fill_row(grad, row, rank, size, math.nan)
+            fill_row(grad, row, rank, n, size, math.nan)
         return
     shift = x.dtype.type(m)
     keep = 1.0 - smoothing
