@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +176,7 @@ def _cast_into(src, dst) -> None:
     if src.size:
         threads = 256
         blocks = min(-(-src.size // threads), 65535)  # the kernel strides over the rest
-        _kernels().cast[blocks, threads](src.reshape(src.size), dst.reshape(src.size))
+        _launch(_kernels().cast, blocks, threads, src.reshape(src.size), dst.reshape(src.size))
 
 
 def _cast(src, dtype, like: _Array):
@@ -192,7 +193,7 @@ def _swap_last_axes(src, dst) -> None:
         return
     k = _kernels()
     grid = (-(-m // k.TILE), -(-n // k.TILE), min(batch, 65535))
-    k.swap_last_axes[grid, (k.TILE, 8)](src, dst)
+    _launch(k.swap_last_axes, grid, (k.TILE, 8), src, dst)
 
 
 def _split(shape: tuple[int, ...], axes: tuple[int, ...], name: str) -> tuple[int, int, int]:
@@ -248,6 +249,23 @@ def _unrows(rows: _Rows, target, dst) -> None:
 
 # --- launching ---------------------------------------------------------------------------------
 
+SMALL_GRID = 128  # numba-cuda warns of low occupancy for grids of fewer blocks
+
+
+def _launch(kernel, blocks, threads, *args) -> None:
+    """``kernel[blocks, threads](*args)``.  A grid under :data:`SMALL_GRID` blocks is either the
+    input's size or a one-block reduction kept so for determinism, not a mistake of the caller,
+    so numba-cuda's low-occupancy warning is silenced for it."""
+    grid = math.prod(blocks) if isinstance(blocks, tuple) else blocks
+    if grid >= SMALL_GRID:
+        kernel[blocks, threads](*args)
+        return
+    from numba.core.errors import NumbaPerformanceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        kernel[blocks, threads](*args)
+
+
 MIN_BLOCK = 64
 # At most this many threads share a row.  Measured on an H100 (float32, one run): log_softmax
 # took 1.67 / 13.1 / 6.95 ms at 8192x32000 / 16384x131072 / 4096x262144 with blocks of up to 1024,
@@ -284,9 +302,9 @@ def _launch_rows(name: str, n_rows: int, n_classes: int, *args) -> None:
     warp_rows = n_classes <= k.WARP * k.VALUES
     args = (*args, warp_rows)
     if warp_rows:
-        kernel[-(-n_rows // ROWS_PER_BLOCK), ROWS_PER_BLOCK * k.WARP](*args)
+        _launch(kernel, -(-n_rows // ROWS_PER_BLOCK), ROWS_PER_BLOCK * k.WARP, *args)
         return
-    kernel[n_rows, _block_threads(kernel, args, n_classes)](*args)
+    _launch(kernel, n_rows, _block_threads(kernel, args, n_classes), *args)
 
 
 # A row is split across blocks when the rows are too few for a block each to keep the GPU busy.
@@ -324,14 +342,15 @@ def _launch_softmax_family(name: str, rows: _Rows, out) -> None:
     partials = _scratch((n_rows, segments, 2), np.float64, rows.like)
     length = -(-n_classes // segments)
     blocks = n_rows * segments
-    k.segment_stats[blocks, _block_threads(k.segment_stats, (matrix, partials), length)](
-        matrix, partials)
+    stats_args = (matrix, partials)
+    _launch(k.segment_stats, blocks, _block_threads(k.segment_stats, stats_args, length),
+            *stats_args)
     if name == "logsumexp":
-        k.logsumexp_segments[n_rows, _reduction_threads(segments)](partials, out)
+        _launch(k.logsumexp_segments, n_rows, _reduction_threads(segments), partials, out)
         return
     kernel = getattr(k, f"{name}_segments")
     args = (matrix, partials, out)
-    kernel[blocks, _block_threads(kernel, args, length)](*args)
+    _launch(kernel, blocks, _block_threads(kernel, args, length), *args)
 
 
 # --- log_softmax, softmax, logsumexp and the backward passes ------------------------------------
@@ -445,7 +464,7 @@ def _reduction_threads(n: int) -> int:
 
 def _sum_rows(values, divisor: float, out) -> None:
     """``out[0] = sum(values) / divisor`` on the device, in a fixed order."""
-    _kernels().sum_rows[1, _reduction_threads(values.size)](values, divisor, out)
+    _launch(_kernels().sum_rows, 1, _reduction_threads(values.size), values, divisor, out)
 
 
 def _device_sum(values, like: _Array) -> float:
@@ -500,7 +519,7 @@ def _class_targets(target, loss: _Loss, ignore_index: int):
         flat = _cast(flat, np.int64, loss.logits)
     k = _kernels()
     checked = _scratch((2,), np.float64, loss.logits)
-    k.check_targets[1, _reduction_threads(n)](flat, loss.weight, ignore_index, checked)
+    _launch(k.check_targets, 1, _reduction_threads(n), flat, loss.weight, ignore_index, checked)
     first_bad, denominator = checked.copy_to_host()
     if first_bad < n:
         bad = int(first_bad)
@@ -623,13 +642,12 @@ def _launch_cross_entropy(rows: _Rows, target, args: tuple, per_row, lse, grad) 
     weight, smoothing = args[0], args[3]
     length = -(-n_classes // segments)
     stats_args = (matrix, target, weight, smoothing, partials)
-    k.cross_entropy_segment_stats[n_rows * segments,
-                                  _block_threads(k.cross_entropy_segment_stats, stats_args,
-                                                 length)](*stats_args)
+    blocks = n_rows * segments
+    _launch(k.cross_entropy_segment_stats, blocks,
+            _block_threads(k.cross_entropy_segment_stats, stats_args, length), *stats_args)
     finish_args = (matrix, target, *args, partials, per_row, lse, grad)
-    k.cross_entropy_segments[n_rows * segments,
-                             _block_threads(k.cross_entropy_segments, finish_args, length)](
-        *finish_args)
+    _launch(k.cross_entropy_segments, blocks,
+            _block_threads(k.cross_entropy_segments, finish_args, length), *finish_args)
 
 
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *, axis=1,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,16 @@ def test_reductions_are_deterministic(rng):
     assert first[0].tobytes() == again[0].tobytes()
     np.testing.assert_array_equal(first[1], again[1])
 
+
+
+@pytest.mark.skipif(SIMULATED, reason="the simulator gives no low-occupancy warnings")
+def test_small_grids_do_not_warn(rng):
+    from numba.core.errors import NumbaPerformanceWarning
+    x = cuda.to_device(logits((3, 10), F32, rng, nonfinite=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumbaPerformanceWarning)
+        fastlsm.log_softmax(x)
+        fastlsm.cross_entropy(x, np.array([1, 2, 3]))  # one-block target check and mean
 
 def test_loss_errors_before_any_kernel(rng):
     x = logits(WARP_ROWS, F32, rng, nonfinite=False)
