@@ -402,7 +402,7 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
     return _handed_back(result, array)
 
 
-def _backward(kernel: str, grad_output, output, axis):
+def _backward(name: str, grad_output, output, axis):
     g = _device_array(grad_output, "grad_output")
     y = _device_array(output, "output")
     dtype = d.backward_dtype(g.view, y.view)
@@ -414,18 +414,38 @@ def _backward(kernel: str, grad_output, output, axis):
     g_rows, y_rows = _rows(g, axes, "grad_output"), _rows(y, axes, "output")
     result, dst = _empty(tuple(g.view.shape), g_rows.result_dtype, g)
     target = _matrix_target(g_rows, dst)
-    _launch_rows(kernel, g_rows.matrix.shape[0], g_rows.classes, g_rows.matrix, y_rows.matrix,
-                 target)
+    _launch_backward(name, g_rows, y_rows.matrix, target)
     _unrows(g_rows, target, dst)
     return _handed_back(result, g)
 
 
+def _launch_backward(name: str, g_rows: _Rows, output, grad_input) -> None:
+    """Backward kernel ``name`` (log_softmax or softmax) in one pass, or split as
+    :func:`_launch_softmax_family` splits its rows."""
+    grad_output = g_rows.matrix
+    n_rows, n_classes = grad_output.shape
+    segments = _segments(n_rows, n_classes)
+    if segments == 1:
+        _launch_rows(f"{name}_backward_rows", n_rows, n_classes, grad_output, output, grad_input)
+        return
+    k = _kernels()
+    partials = _scratch((n_rows, segments, 1), np.float64, g_rows.like)
+    length = -(-n_classes // segments)
+    blocks = n_rows * segments
+    sums_args = (grad_output, output, name == "softmax", partials)
+    _launch(k.backward_segment_sums, blocks,
+            _block_threads(k.backward_segment_sums, sums_args, length), *sums_args)
+    kernel = getattr(k, f"{name}_backward_segments")
+    args = (grad_output, output, partials, grad_input)
+    _launch(kernel, blocks, _block_threads(kernel, args, length), *args)
+
+
 def log_softmax_backward(grad_output, output, axis=-1):
-    return _backward("log_softmax_backward_rows", grad_output, output, axis)
+    return _backward("log_softmax", grad_output, output, axis)
 
 
 def softmax_backward(grad_output, output, axis=-1):
-    return _backward("softmax_backward_rows", grad_output, output, axis)
+    return _backward("softmax", grad_output, output, axis)
 
 
 # --- losses ------------------------------------------------------------------------------------

@@ -339,55 +339,116 @@ def logsumexp_segments(partials, out):
         out[row] = finite_or_zero(m) + log_of_sum(s)
 
 
+@cuda.jit(device=True)
+def load_grad(grad_output, output, row, start, n, size, g, product):
+    """Fill ``g`` with this thread's first ``VALUES`` elements of ``grad_output`` (0 from ``n``
+    on) and return the float64 sum over its elements of ``grad_output``, or of
+    ``grad_output * output`` where ``product``."""
+    partial = 0.0
+    for k in range(VALUES):
+        j = start + k * size
+        g[k] = grad_output[row, j] if j < n else 0.0
+        if not product:
+            partial += g[k]
+        elif j < n:
+            partial += g[k] * output[row, j]
+    for j in range(start + VALUES * size, n, size):
+        partial += grad_output[row, j] * output[row, j] if product else grad_output[row, j]
+    return partial
+
+
+@cuda.jit(device=True)
+def write_log_softmax_backward(grad_output, output, grad_input, row, start, n, size, g, total):
+    # grad_input = g - exp(y) * sum(g)
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            grad_input[row, j] = g[k] - math.exp(output[row, j]) * total
+    for j in range(start + VALUES * size, n, size):
+        grad_input[row, j] = grad_output[row, j] - math.exp(output[row, j]) * total
+
+
+@cuda.jit(device=True)
+def write_softmax_backward(grad_output, output, grad_input, row, start, n, size, g, dot):
+    # grad_input = y * (g - sum(g * y))
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            grad_input[row, j] = output[row, j] * (g[k] - dot)
+    for j in range(start + VALUES * size, n, size):
+        grad_input[row, j] = output[row, j] * (grad_output[row, j] - dot)
+
+
 @cuda.jit(cache=True)
 def log_softmax_backward_rows(grad_output, output, grad_input, warp_rows):
-    # grad_input = g - exp(y) * sum(g)
     row, rank, size = row_group(warp_rows)
     if not row_in_range(grad_output, row):
         return
     g = cuda.local.array(VALUES, grad_output.dtype)
     scratch = cuda.shared.array(WARP, float64)
     n = grad_output.shape[1]
-    partial = 0.0
-    for k in range(VALUES):
-        j = rank + k * size
-        g[k] = grad_output[row, j] if j < n else 0.0
-        partial += g[k]
-    for j in range(rank + VALUES * size, n, size):
-        partial += grad_output[row, j]
+    partial = load_grad(grad_output, output, row, rank, n, size, g, False)
     total = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            grad_input[row, j] = g[k] - math.exp(output[row, j]) * total
-    for j in range(rank + VALUES * size, n, size):
-        grad_input[row, j] = grad_output[row, j] - math.exp(output[row, j]) * total
+    write_log_softmax_backward(grad_output, output, grad_input, row, rank, n, size, g, total)
 
 
 @cuda.jit(cache=True)
 def softmax_backward_rows(grad_output, output, grad_input, warp_rows):
-    # grad_input = y * (g - sum(g * y))
     row, rank, size = row_group(warp_rows)
     if not row_in_range(grad_output, row):
         return
     g = cuda.local.array(VALUES, grad_output.dtype)
     scratch = cuda.shared.array(WARP, float64)
     n = grad_output.shape[1]
-    partial = 0.0
-    for k in range(VALUES):
-        j = rank + k * size
-        g[k] = grad_output[row, j] if j < n else 0.0
-        if j < n:
-            partial += g[k] * output[row, j]
-    for j in range(rank + VALUES * size, n, size):
-        partial += grad_output[row, j] * output[row, j]
+    partial = load_grad(grad_output, output, row, rank, n, size, g, True)
     dot = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            grad_input[row, j] = output[row, j] * (g[k] - dot)
-    for j in range(rank + VALUES * size, n, size):
-        grad_input[row, j] = output[row, j] * (grad_output[row, j] - dot)
+    write_softmax_backward(grad_output, output, grad_input, row, rank, n, size, g, dot)
+
+
+# A split row's backward pass: each segment's sum (of grad_output, or of grad_output * output
+# where ``product``) in ``partials[row, segment, 0]``, then their sum, in a fixed order, and the
+# write over each segment.
+
+@cuda.jit(cache=True)
+def backward_segment_sums(grad_output, output, product, partials):
+    row, segment, lo, hi = block_segment(grad_output.shape[1], partials.shape[1])
+    g = cuda.local.array(VALUES, grad_output.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    partial = load_grad(grad_output, output, row, lo + cuda.threadIdx.x, hi, cuda.blockDim.x, g,
+                        product)
+    total = group_sum(partial, False, scratch)
+    if cuda.threadIdx.x == 0:
+        partials[row, segment, 0] = total
+
+
+@cuda.jit(device=True)
+def merged_sum(partials, row, scratch):
+    partial = 0.0
+    for k in range(cuda.threadIdx.x, partials.shape[1], cuda.blockDim.x):
+        partial += partials[row, k, 0]
+    return group_sum(partial, False, scratch)
+
+
+@cuda.jit(cache=True)
+def log_softmax_backward_segments(grad_output, output, partials, grad_input):
+    row, segment, lo, hi = block_segment(grad_output.shape[1], partials.shape[1])
+    g = cuda.local.array(VALUES, grad_output.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    total = grad_output.dtype.type(merged_sum(partials, row, scratch))
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    load_grad(grad_output, output, row, start, hi, size, g, False)
+    write_log_softmax_backward(grad_output, output, grad_input, row, start, hi, size, g, total)
+
+
+@cuda.jit(cache=True)
+def softmax_backward_segments(grad_output, output, partials, grad_input):
+    row, segment, lo, hi = block_segment(grad_output.shape[1], partials.shape[1])
+    g = cuda.local.array(VALUES, grad_output.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    dot = grad_output.dtype.type(merged_sum(partials, row, scratch))
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    load_grad(grad_output, output, row, start, hi, size, g, False)
+    write_softmax_backward(grad_output, output, grad_input, row, start, hi, size, g, dot)
 
 
 # --- losses ------------------------------------------------------------------------------------
