@@ -338,19 +338,24 @@ def _launch_softmax_family(name: str, rows: _Rows, out) -> None:
     if segments == 1:
         _launch_rows(f"{name}_rows", n_rows, n_classes, matrix, out)
         return
-    k = _kernels()
     partials = _scratch((n_rows, segments, 2), np.float64, rows.like)
-    length = -(-n_classes // segments)
-    blocks = n_rows * segments
-    stats_args = (matrix, partials)
-    _launch(k.segment_stats, blocks, _block_threads(k.segment_stats, stats_args, length),
-            *stats_args)
     if name == "logsumexp":
-        _launch(k.logsumexp_segments, n_rows, _reduction_threads(segments), partials, out)
+        _launch_segments(n_classes, segments, ("segment_stats", (matrix, partials)))
+        _launch(_kernels().logsumexp_segments, n_rows, _reduction_threads(segments), partials,
+                out)
         return
-    kernel = getattr(k, f"{name}_segments")
-    args = (matrix, partials, out)
-    _launch(kernel, blocks, _block_threads(kernel, args, length), *args)
+    _launch_segments(n_classes, segments, ("segment_stats", (matrix, partials)),
+                     (f"{name}_segments", (matrix, partials, out)))
+
+
+def _launch_segments(n_classes: int, segments: int, *launches: tuple[str, tuple]) -> None:
+    """Run each ``(kernel name, args)`` of ``launches`` in turn, a block per segment of every
+    row (the rows are the first argument's)."""
+    k = _kernels()
+    length = -(-n_classes // segments)
+    for name, args in launches:
+        kernel = getattr(k, name)
+        _launch(kernel, args[0].shape[0] * segments, _block_threads(kernel, args, length), *args)
 
 
 # --- log_softmax, softmax, logsumexp and the backward passes ------------------------------------
@@ -428,16 +433,10 @@ def _launch_backward(name: str, g_rows: _Rows, output, grad_input) -> None:
     if segments == 1:
         _launch_rows(f"{name}_backward_rows", n_rows, n_classes, grad_output, output, grad_input)
         return
-    k = _kernels()
     partials = _scratch((n_rows, segments, 1), np.float64, g_rows.like)
-    length = -(-n_classes // segments)
-    blocks = n_rows * segments
-    sums_args = (grad_output, output, name == "softmax", partials)
-    _launch(k.backward_segment_sums, blocks,
-            _block_threads(k.backward_segment_sums, sums_args, length), *sums_args)
-    kernel = getattr(k, f"{name}_backward_segments")
-    args = (grad_output, output, partials, grad_input)
-    _launch(kernel, blocks, _block_threads(kernel, args, length), *args)
+    _launch_segments(n_classes, segments,
+                     ("backward_segment_sums", (grad_output, output, name == "softmax", partials)),
+                     (f"{name}_backward_segments", (grad_output, output, partials, grad_input)))
 
 
 def log_softmax_backward(grad_output, output, axis=-1):
@@ -632,9 +631,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         y = _rows(probs, (loss.class_axis,), "target").matrix
         denominator = float(n_rows)
         grad = _grad_target(loss, want_grad, grad_out)
-        _launch_rows("cross_entropy_probs_rows", n_rows, rows.classes, rows.matrix, y,
-                     loss.weight, label_smoothing, z_loss, _loss._scale(reduction, denominator),
-                     per_row, lse, grad[2])
+        args = (loss.weight, label_smoothing, z_loss, _loss._scale(reduction, denominator))
+        _launch_cross_entropy_probs(rows, y, args, per_row, lse, grad[2])
     else:
         flat, denominator = _class_targets(target, loss, ignore_index)
         grad = _grad_target(loss, want_grad, grad_out)
@@ -657,17 +655,33 @@ def _launch_cross_entropy(rows: _Rows, target, args: tuple, per_row, lse, grad) 
         _launch_rows("cross_entropy_rows", n_rows, n_classes, matrix, target, *args, per_row, lse,
                      grad)
         return
-    k = _kernels()
-    partials = _scratch((n_rows, segments, k.CROSS_ENTROPY_PARTIALS), np.float64, rows.like)
+    partials = _scratch((n_rows, segments, _kernels().CROSS_ENTROPY_PARTIALS), np.float64,
+                        rows.like)
     weight, smoothing = args[0], args[3]
-    length = -(-n_classes // segments)
-    stats_args = (matrix, target, weight, smoothing, partials)
-    blocks = n_rows * segments
-    _launch(k.cross_entropy_segment_stats, blocks,
-            _block_threads(k.cross_entropy_segment_stats, stats_args, length), *stats_args)
-    finish_args = (matrix, target, *args, partials, per_row, lse, grad)
-    _launch(k.cross_entropy_segments, blocks,
-            _block_threads(k.cross_entropy_segments, finish_args, length), *finish_args)
+    _launch_segments(n_classes, segments,
+                     ("cross_entropy_segment_stats", (matrix, target, weight, smoothing, partials)),
+                     ("cross_entropy_segments", (matrix, target, *args, partials, per_row, lse,
+                                                 grad)))
+
+
+def _launch_cross_entropy_probs(rows: _Rows, y, args: tuple, per_row, lse, grad) -> None:
+    """The probability-target loss kernel, or its split form (as :func:`_launch_cross_entropy`).
+    ``args``: weight, label_smoothing, z_loss and the gradient's scale."""
+    matrix = rows.matrix
+    n_rows, n_classes = matrix.shape
+    segments = _segments(n_rows, n_classes)
+    if segments == 1:
+        _launch_rows("cross_entropy_probs_rows", n_rows, n_classes, matrix, y, *args, per_row,
+                     lse, grad)
+        return
+    partials = _scratch((n_rows, segments, _kernels().PROBABILITY_PARTIALS), np.float64,
+                        rows.like)
+    weight, smoothing = args[0], args[1]
+    _launch_segments(n_classes, segments,
+                     ("cross_entropy_probs_segment_stats", (matrix, y, weight, smoothing,
+                                                            partials)),
+                     ("cross_entropy_probs_segments", (matrix, y, *args, partials, per_row, lse,
+                                                       grad)))
 
 
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *, axis=1,

@@ -330,6 +330,27 @@ def test_cross_entropy_split_rows_mean_and_in_place(split_rows, warp_blocks, mon
     assert same is dx  # the target's logit was read before any block wrote over it
     np.testing.assert_allclose(dx.copy_to_host(), expected_grad, rtol=0, atol=1e-15)
 
+
+def test_cross_entropy_probabilities_split_rows(split_rows, warp_blocks, monkeypatch, rng):
+    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    x = logits((5, 1200), F64, rng)  # rows: all -inf, +inf, nan, first segment all -inf, finite
+    y = rng.dirichlet(np.ones(1200), 5)
+    options = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2.0, 1200), z_loss=1e-3)
+    expected_loss, expected_grad, expected_lse = loss_ref.cross_entropy(x, y, reduction="none",
+                                                                        **options)
+    loss, grad, lse = fastlsm.cross_entropy(x, y, reduction="none", return_grad=True,
+                                            return_lse=True, device="cuda", **options)
+    case = make_case("NC", rng)  # only for error_scales' shape-independent fields
+    case.x, case.target, case.weight = x, y, options["weight"]
+    scales = error_scales(case, "none", 0.1, 1e-3)
+    check_loss(loss, expected_loss, scales, F64, "none", (5,), "loss")
+    check_grad(grad, expected_grad, scales, x, F64, "grad")
+    check_lse(lse, expected_lse, scales, (5,), F64, "lse")
+    finite = slice(4, 5)  # the mean of the finite row alone, without a gradient
+    np.testing.assert_allclose(
+        fastlsm.cross_entropy(x[finite], y[finite], device="cuda", **options),
+        fastlsm.cross_entropy(x[finite], y[finite], **options), rtol=1e-12)
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nll_loss(reduction, rng):
     case = make_case("NCd", rng, weighted=True, ignore="-100")

@@ -608,6 +608,62 @@ def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smooth
                          scale, loss, lse, grad)
 
 
+@cuda.jit(device=True)
+def probability_sums(x, y, weight, row, start, n, size, cached, shift, smoothing):
+    """This thread's float64 ``(sum wy, sum wy * (x - shift))`` over its elements, where
+    ``wy = weight * y`` with ``y`` smoothed."""
+    keep = 1.0 - smoothing
+    spread = smoothing / x.shape[1]
+    wy_partial = 0.0
+    wyx_partial = 0.0
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            wy = weight[j] * (y[row, j] * keep + spread)
+            wy_partial += wy
+            wyx_partial += wy * (cached[k] - shift)
+    for j in range(start + VALUES * size, n, size):
+        wy = weight[j] * (y[row, j] * keep + spread)
+        wy_partial += wy
+        wyx_partial += wy * (x[row, j] - shift)
+    return wy_partial, wyx_partial
+
+
+@cuda.jit(device=True)
+def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached, m, s, wy_sum,
+                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad):
+    """The row's loss and lse (by the ``leader``) and the gradient over this thread's elements,
+    from the row's ``(m, s)`` and sums ``wy_sum``, ``wyx_sum`` (:func:`probability_sums` with
+    ``shift = m``)."""
+    log_s = log_of_sum(s)
+    row_lse = finite_or_zero(m) + log_s
+    if leader and lse.shape[0] > 0:
+        lse[row] = row_lse
+    want_grad = grad.shape[0] > 0
+    if not math.isfinite(m):
+        if leader:
+            loss[row] = math.nan
+        if want_grad:
+            fill_row(grad, row, start, n, size, math.nan)
+        return
+    if leader:
+        loss[row] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
+    if not want_grad:
+        return
+    shift = x.dtype.type(m)
+    keep = 1.0 - smoothing
+    spread = smoothing / x.shape[1]
+    a = x.dtype.type(scale * (wy_sum + 2.0 * z_loss * row_lse) / s)
+    for k in range(VALUES):
+        j = start + k * size
+        if j < n:
+            grad[row, j] = (math.exp(cached[k] - shift) * a
+                            - scale * weight[j] * (y[row, j] * keep + spread))
+    for j in range(start + VALUES * size, n, size):
+        grad[row, j] = (math.exp(x[row, j] - shift) * a
+                        - scale * weight[j] * (y[row, j] * keep + spread))
+
+
 @cuda.jit(cache=True)
 def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad, warp_rows):
     row, rank, size = row_group(warp_rows)
@@ -617,47 +673,64 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
     m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
-    log_s = log_of_sum(s)
-    row_lse = finite_or_zero(m) + log_s
-    if rank == 0 and lse.shape[0] > 0:
-        lse[row] = row_lse
-    want_grad = grad.shape[0] > 0
-    if not math.isfinite(m):
-        if rank == 0:
-            loss[row] = math.nan
-        if want_grad:
-            fill_row(grad, row, rank, n, size, math.nan)
-        return
-    shift = x.dtype.type(m)
-    keep = 1.0 - smoothing
-    spread = smoothing / n
-    wy_partial = 0.0
-    wyx_partial = 0.0
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            wy = weight[j] * (y[row, j] * keep + spread)
-            wy_partial += wy
-            wyx_partial += wy * (cached[k] - shift)
-    for j in range(rank + VALUES * size, n, size):
-        wy = weight[j] * (y[row, j] * keep + spread)
-        wy_partial += wy
-        wyx_partial += wy * (x[row, j] - shift)
-    wy_sum = group_sum(wy_partial, warp_rows, scratch)
-    wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
-    if rank == 0:
-        loss[row] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
-    if not want_grad:
-        return
-    a = x.dtype.type(scale * (wy_sum + 2.0 * z_loss * row_lse) / s)
-    for k in range(VALUES):
-        j = rank + k * size
-        if j < n:
-            grad[row, j] = (math.exp(cached[k] - shift) * a
-                            - scale * weight[j] * (y[row, j] * keep + spread))
-    for j in range(rank + VALUES * size, n, size):
-        grad[row, j] = (math.exp(x[row, j] - shift) * a
-                        - scale * weight[j] * (y[row, j] * keep + spread))
+    wy_sum = 0.0
+    wyx_sum = 0.0
+    if math.isfinite(m):
+        wy_partial, wyx_partial = probability_sums(x, y, weight, row, rank, n, size, cached,
+                                                   x.dtype.type(m), smoothing)
+        wy_sum = group_sum(wy_partial, warp_rows, scratch)
+        wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
+    finish_cross_entropy_probs(x, y, weight, row, rank, n, size, rank == 0, cached, m, s, wy_sum,
+                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad)
+
+
+# A split row's partials for probability targets: ``(m, s, sum wy, sum wy * (x - finite_or_zero(m)))``
+# of each segment.
+PROBABILITY_PARTIALS = 4
+
+
+@cuda.jit(cache=True)
+def cross_entropy_probs_segment_stats(x, y, weight, smoothing, partials):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = row_stats(x, row, start, hi, size, cached, False, scratch)
+    wy_partial, wyx_partial = probability_sums(x, y, weight, row, start, hi, size, cached,
+                                               x.dtype.type(finite_or_zero(m)), smoothing)
+    wy = group_sum(wy_partial, False, scratch)
+    wyx = group_sum(wyx_partial, False, scratch)
+    if cuda.threadIdx.x == 0:
+        partials[row, segment, 0] = m
+        partials[row, segment, 1] = s
+        partials[row, segment, 2] = wy
+        partials[row, segment, 3] = wyx
+
+
+@cuda.jit(cache=True)
+def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, partials, loss, lse,
+                                 grad):
+    row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
+    if segment > 0 and grad.shape[0] == 0:
+        return  # the first segment's block writes the loss; without a gradient, nothing else
+    cached = cuda.local.array(VALUES, x.dtype)
+    scratch = cuda.shared.array(WARP, float64)
+    m, s = merged_stats(partials, row, scratch)
+    wy_sum = 0.0
+    wyx_sum = 0.0
+    if math.isfinite(m):
+        for k in range(cuda.threadIdx.x, partials.shape[1], cuda.blockDim.x):
+            wy_sum += partials[row, k, 2]
+            wyx_sum += (partials[row, k, 3]
+                        + (finite_or_zero(partials[row, k, 0]) - m) * partials[row, k, 2])
+        wy_sum = group_sum(wy_sum, False, scratch)
+        wyx_sum = group_sum(wyx_sum, False, scratch)
+    start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
+    if grad.shape[0] > 0:
+        load_row(x, row, start, hi, size, cached)
+    finish_cross_entropy_probs(x, y, weight, row, start, hi, size,
+                               segment == 0 and cuda.threadIdx.x == 0, cached, m, s, wy_sum,
+                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad)
 
 
 @cuda.jit(cache=True)
