@@ -185,8 +185,14 @@ def test_empty_and_zero_dimensional():
     assert fastlsm.log_softmax(np.float64(2.0), device="cuda") == 0.0
 
 
-@pytest.mark.parametrize("shape", [WARP_ROWS, BLOCK_ROWS], ids=["warp", "block"])
-def test_backward(shape, rng):
+@pytest.mark.parametrize("mode", ["warp", "block", "split"])
+def test_backward(mode, monkeypatch, request, rng):
+    shape = {"warp": WARP_ROWS, "block": BLOCK_ROWS, "split": (2, 1200)}[mode]
+    if mode == "split":  # two segments a row
+        request.getfixturevalue("split_rows")
+        request.getfixturevalue("warp_blocks")
+        monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+        assert _cuda._segments(*shape) == 2
     x = logits(shape, F64, rng, nonfinite=False)
     g = rng.standard_normal(shape)
     y = fastlsm.log_softmax(x)
@@ -199,19 +205,6 @@ def test_backward(shape, rng):
 
 # --- device arrays in, device arrays out ---------------------------------------------------------
 
-
-def test_backward_split_rows(split_rows, warp_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
-    shape = (2, 1200)  # two segments a row
-    assert _cuda._segments(*shape) == 2
-    x = logits(shape, F64, rng, nonfinite=False)
-    g = rng.standard_normal(shape)
-    y = fastlsm.log_softmax(x)
-    check_backward(fastlsm.log_softmax_backward(g, y, device="cuda"),
-                   ref.log_softmax_backward(g, y), lsm_backward_scale(g, y, -1), F64)
-    p = fastlsm.softmax(x)
-    check_backward(fastlsm.softmax_backward(g, p, device="cuda"), ref.softmax_backward(g, p),
-                   sm_backward_scale(g, p, -1), F64)
 
 def test_device_arrays_stay_on_the_device(rng):
     x = logits(WARP_ROWS, F32, rng, nonfinite=False)
