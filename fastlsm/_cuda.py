@@ -307,10 +307,12 @@ def _launch_rows(name: str, n_rows: int, n_classes: int, *args) -> None:
     _launch(kernel, n_rows, _block_threads(kernel, args, n_classes), *args)
 
 
-# A row is split across blocks when the rows are too few for a block each to keep the GPU busy.
-# Not yet timed on a GPU: the thresholds follow from the launch shapes alone.  Up to half as many
-# rows as multiprocessors, each row gets enough segments for two blocks a multiprocessor, and a
-# segment at least MIN_SEGMENT classes (two warps' worth of registers).
+# A row is split across blocks when the rows are too few for a block each to keep the GPU busy
+# and longer than a block's registers hold (a shorter one takes its block a few microseconds:
+# a second launch would cost more).  Not yet timed on a GPU: the thresholds follow from the launch
+# shapes alone.  Up to half as many rows as multiprocessors, each row gets enough segments for
+# two blocks a multiprocessor, and a segment at least MIN_SEGMENT classes (two warps' worth of
+# registers).
 MIN_SEGMENT = 2048
 
 
@@ -323,7 +325,7 @@ def _multiprocessors() -> int:
 def _segments(n_rows: int, n_classes: int) -> int:
     """How many blocks share each row (1: a row is not split)."""
     multiprocessors = _multiprocessors()
-    if n_rows == 0 or 2 * n_rows > multiprocessors:
+    if n_rows == 0 or 2 * n_rows > multiprocessors or n_classes <= _kernels().VALUES * MAX_BLOCK:
         return 1
     return max(1, min(-(-2 * multiprocessors // n_rows), n_classes // MIN_SEGMENT))
 
