@@ -48,9 +48,10 @@ BLOCK_ROWS = (3, kernels.WARP * kernels.VALUES + 77)  # a block per row
 
 @pytest.fixture
 def streamed(monkeypatch):
-    """Blocks of 64 threads: a row of more than 64 * VALUES classes is partly streamed."""
+    """Blocks of 64 threads: a row of more than 64 * VALUES classes is partly streamed; the
+    length returned streams each thread two chunks of UNROLL elements and part of a third."""
     monkeypatch.setattr(_cuda, "MAX_BLOCK", 64)
-    return 64 * kernels.VALUES + 500
+    return 64 * (kernels.VALUES + 2 * kernels.UNROLL) + 500
 
 
 @pytest.fixture
@@ -186,9 +187,11 @@ def test_empty_and_zero_dimensional():
     assert fastlsm.log_softmax(np.float64(2.0), device="cuda") == 0.0
 
 
-@pytest.mark.parametrize("mode", ["warp", "block", "split"])
+@pytest.mark.parametrize("mode", ["warp", "block", "streamed", "split"])
 def test_backward(mode, monkeypatch, request, rng):
-    shape = {"warp": WARP_ROWS, "block": BLOCK_ROWS, "split": (2, 1200)}[mode]
+    shape = {"warp": WARP_ROWS, "block": BLOCK_ROWS, "split": (2, 1200)}.get(mode)
+    if mode == "streamed":
+        shape = (2, request.getfixturevalue("streamed"))
     if mode == "split":  # two segments a row
         request.getfixturevalue("split_rows")
         request.getfixturevalue("warp_blocks")
@@ -288,6 +291,20 @@ def test_cross_entropy_long_rows(streamed, rng):
         check_grad(grad, expected[1], scales, x, F64, f"{options} grad")
 
 
+def test_cross_entropy_probabilities_long_rows(streamed, rng):
+    x = logits((4, streamed), F64, rng)  # rows: all -inf, +inf, nan, half -inf
+    y = rng.dirichlet(np.ones(streamed), 4)
+    options = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2.0, streamed), z_loss=1e-3)
+    expected_loss, expected_grad = loss_ref.cross_entropy(x, y, reduction="none", **options)[:2]
+    loss, grad = fastlsm.cross_entropy(x, y, reduction="none", return_grad=True, device="cuda",
+                                       **options)
+    case = make_case("NC", rng)  # only for error_scales' shape-independent fields
+    case.x, case.target, case.weight = x, y, options["weight"]
+    scales = error_scales(case, "none", 0.1, 1e-3)
+    check_loss(loss, expected_loss, scales, F64, "none", (4,), "loss")
+    check_grad(grad, expected_grad, scales, x, F64, "grad")
+
+
 def test_cross_entropy_split_rows(split_rows, warp_blocks, monkeypatch, rng):
     monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
     n = 1200  # two segments a row
@@ -345,6 +362,7 @@ def test_cross_entropy_probabilities_split_rows(split_rows, warp_blocks, monkeyp
         fastlsm.cross_entropy(x[finite], y[finite], device="cuda", **options),
         fastlsm.cross_entropy(x[finite], y[finite], **options), rtol=1e-12)
 
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nll_loss(reduction, rng):
     case = make_case("NCd", rng, weighted=True, ignore="-100")
@@ -381,6 +399,29 @@ def test_reductions_are_deterministic(rng):
     np.testing.assert_array_equal(first[1], again[1])
 
 
+def test_one_block_reductions_read_several_chunks_a_thread(rng):
+    # The target check and the sum over rows with one warp over 600 values: about 19 a thread,
+    # in chunks of UNROLL.
+    n, n_classes, threads = 600, 7, kernels.WARP
+    target = rng.integers(0, n_classes, n)
+    target[rng.choice(n, 50, replace=False)] = -100
+    weight = rng.uniform(0.5, 2.0, n_classes)
+    checked = cuda.device_array(2)
+    kernels.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
+                                      checked)
+    first_bad, denominator = checked.copy_to_host()
+    assert first_bad == n
+    np.testing.assert_allclose(denominator, weight[target[target != -100]].sum(), rtol=1e-13)
+    # Out of range at 501, 357, 300 and 37 (threads 21, 5, 12 and 5): the first is reported.
+    target[[501, 357, 300, 37]] = [n_classes, 12, -1, 99]
+    kernels.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
+                                      checked)
+    assert checked.copy_to_host()[0] == 37
+    values = rng.standard_normal(n)
+    total = cuda.device_array(1)
+    kernels.sum_rows[1, threads](cuda.to_device(values), 4.0, total)
+    np.testing.assert_allclose(total.copy_to_host()[0], values.sum() / 4.0, rtol=1e-12)
+
 
 @pytest.mark.skipif(SIMULATED, reason="the simulator gives no low-occupancy warnings")
 def test_small_grids_do_not_warn(rng):
@@ -390,6 +431,7 @@ def test_small_grids_do_not_warn(rng):
         warnings.simplefilter("error", NumbaPerformanceWarning)
         fastlsm.log_softmax(x)
         fastlsm.cross_entropy(x, np.array([1, 2, 3]))  # one-block target check and mean
+
 
 def test_loss_errors_before_any_kernel(rng):
     x = logits(WARP_ROWS, F32, rng, nonfinite=False)

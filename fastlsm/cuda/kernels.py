@@ -29,7 +29,7 @@ from numba import cuda, float64, int64
 
 WARP = 32
 VALUES = 32   # row elements each thread holds in registers
-UNROLL = 4    # loads in flight per thread while streaming the rest of a long row
+UNROLL = 8    # loads in flight per thread while streaming the rest of a long row
 FULL_MASK = 0xFFFFFFFF
 
 
@@ -112,24 +112,33 @@ def load_row(x, row, start, n, size, cached):
 
 
 @cuda.jit(device=True)
+def load_chunk(a, j, n, size, chunk, fill):
+    """``chunk[u] = a[j + u * size]`` of a vector (a row, or a thread's view of one): ``UNROLL``
+    loads issued together, one trip to memory; ``fill`` from ``n`` on."""
+    for u in range(UNROLL):
+        jj = j + u * size
+        chunk[u] = a[jj] if jj < n else a.dtype.type(fill)
+
+
+@cuda.jit(device=True)
 def stream_stats(x, row, start, n, size):
     """``(m, s)`` of this thread's elements beyond the cached ones, up to ``n``: the max and
     ``sum(exp(x - m))`` (0 while ``m`` is -inf), merged online ``UNROLL`` loads at a time."""
     low = x.dtype.type(-math.inf)
     m = low
     s = 0.0
-    step = size * UNROLL
-    for j in range(start + VALUES * size, n, step):
-        a = x[row, j]
-        b = x[row, j + size] if j + size < n else low
-        c = x[row, j + 2 * size] if j + 2 * size < n else low
-        d = x[row, j + 3 * size] if j + 3 * size < n else low
-        chunk = max_nan(max_nan(a, b), max_nan(c, d))
-        if chunk > m or chunk != chunk:
-            s *= math.exp(m - chunk)  # 0 * 0 while m was -inf
-            m = chunk
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for j in range(start + VALUES * size, n, UNROLL * size):
+        load_chunk(x[row], j, n, size, chunk, low)
+        top = chunk[0]
+        for u in range(1, UNROLL):
+            top = max_nan(top, chunk[u])
+        if top > m or top != top:
+            s *= math.exp(m - top)  # 0 * 0 while m was -inf
+            m = top
         if m != low:  # all -inf so far: exp(-inf - -inf) would be nan
-            s += math.exp(a - m) + math.exp(b - m) + math.exp(c - m) + math.exp(d - m)
+            for u in range(UNROLL):
+                s += math.exp(chunk[u] - m)
     return m, s
 
 
@@ -167,7 +176,17 @@ def row_in_range(x, row):
 
 # A row's streamed part is read again to write it: in chunks of UNROLL loads (one trip to memory
 # for all of them), and from the end backwards, since the end was read last and is likeliest
-# still in L2.
+# still in L2.  The output may alias an input, so the compiler may not move a load above an
+# earlier store: a load just before each store waits a trip to memory per element.  So whatever a
+# write phase reads (the streamed part, the backward pass's second input) it reads a chunk ahead
+# of the chunk's stores.  The losses' cached part is the exception: there a chunk of weights or
+# targets would take registers from the cache (and, in float64, push it to local memory), so the
+# gradient reads the weights only where label smoothing needs them.
+#
+# The write phases index the thread's own view of a row, ``a[row, start:]``, where the load phase
+# indexed the row: the compiler would otherwise keep the load phase's VALUES indices live in
+# registers all the way to the write (log_softmax_rows: 86 registers on sm_90 that way, 72 with
+# the views), and registers are what bound a block's threads and so its cached part of a row.
 
 @cuda.jit(device=True)
 def tail_chunks(first, n, size):
@@ -178,28 +197,20 @@ def tail_chunks(first, n, size):
 
 
 @cuda.jit(device=True)
-def load_chunk(a, row, j, n, size, chunk):
-    """``chunk[u] = a[row, j + u * size]``, 0 from ``n`` on."""
-    for u in range(UNROLL):
-        jj = j + u * size
-        chunk[u] = a[row, jj] if jj < n else 0
-
-
-@cuda.jit(device=True)
 def write_log_softmax(x, out, row, start, n, size, cached, m, s):
     """``out = (x - shift) - log(s)`` over this thread's elements (``shift`` kept apart from the
     log for float32 accuracy where ``|m|`` is large)."""
     shift = x.dtype.type(finite_or_zero(m))
     log_s = x.dtype.type(log_of_sum(s))
+    mine, count = out[row, start:], n - start
     for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            out[row, j] = (cached[k] - shift) - log_s
+        if k * size < count:
+            mine[k * size] = (cached[k] - shift) - log_s
     first = start + VALUES * size
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x, row, j, n, size, chunk)
+        load_chunk(x[row], j, n, size, chunk, 0)
         for u in range(UNROLL):
             if j + u * size < n:
                 out[row, j + u * size] = (chunk[u] - shift) - log_s
@@ -213,15 +224,15 @@ def write_softmax(x, out, row, start, n, size, cached, m, s):
         return
     shift = x.dtype.type(m)
     inverse = x.dtype.type(1.0 / s)
+    mine, count = out[row, start:], n - start
     for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            out[row, j] = math.exp(cached[k] - shift) * inverse
+        if k * size < count:
+            mine[k * size] = math.exp(cached[k] - shift) * inverse
     first = start + VALUES * size
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x, row, j, n, size, chunk)
+        load_chunk(x[row], j, n, size, chunk, 0)
         for u in range(UNROLL):
             if j + u * size < n:
                 out[row, j + u * size] = math.exp(chunk[u] - shift) * inverse
@@ -358,25 +369,33 @@ def load_grad(grad_output, output, row, start, n, size, g, product):
 
 
 @cuda.jit(device=True)
-def write_log_softmax_backward(grad_output, output, grad_input, row, start, n, size, g, total):
-    # grad_input = g - exp(y) * sum(g)
-    for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            grad_input[row, j] = g[k] - math.exp(output[row, j]) * total
-    for j in range(start + VALUES * size, n, size):
-        grad_input[row, j] = grad_output[row, j] - math.exp(output[row, j]) * total
+def backward_value(g, y, total, log_softmax):
+    """log_softmax's gradient ``g - exp(y) * sum(g)``, or softmax's ``y * (g - sum(g * y))``."""
+    return g - math.exp(y) * total if log_softmax else y * (g - total)
 
 
 @cuda.jit(device=True)
-def write_softmax_backward(grad_output, output, grad_input, row, start, n, size, g, dot):
-    # grad_input = y * (g - sum(g * y))
-    for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            grad_input[row, j] = output[row, j] * (g[k] - dot)
-    for j in range(start + VALUES * size, n, size):
-        grad_input[row, j] = output[row, j] * (grad_output[row, j] - dot)
+def write_backward(grad_output, output, grad_input, row, start, n, size, g, total, log_softmax):
+    """:func:`backward_value` over this thread's elements, ``g`` its first ``VALUES`` of
+    ``grad_output`` and ``total`` the row's sum from :func:`load_grad`."""
+    mine, outputs, count = grad_input[row, start:], output[row, start:], n - start
+    y = cuda.local.array(UNROLL, output.dtype)
+    for c in range(0, VALUES, UNROLL):
+        load_chunk(outputs, c * size, count, size, y, 0)
+        for u in range(UNROLL):
+            j = (c + u) * size
+            if j < count:
+                mine[j] = backward_value(g[c + u], y[u], total, log_softmax)
+    first = start + VALUES * size
+    chunk = cuda.local.array(UNROLL, grad_output.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(grad_output[row], j, n, size, chunk, 0)
+        load_chunk(output[row], j, n, size, y, 0)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                grad_input[row, j + u * size] = backward_value(chunk[u], y[u], total,
+                                                               log_softmax)
 
 
 @cuda.jit(cache=True)
@@ -389,7 +408,7 @@ def log_softmax_backward_rows(grad_output, output, grad_input, warp_rows):
     n = grad_output.shape[1]
     partial = load_grad(grad_output, output, row, rank, n, size, g, False)
     total = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
-    write_log_softmax_backward(grad_output, output, grad_input, row, rank, n, size, g, total)
+    write_backward(grad_output, output, grad_input, row, rank, n, size, g, total, True)
 
 
 @cuda.jit(cache=True)
@@ -402,7 +421,7 @@ def softmax_backward_rows(grad_output, output, grad_input, warp_rows):
     n = grad_output.shape[1]
     partial = load_grad(grad_output, output, row, rank, n, size, g, True)
     dot = grad_output.dtype.type(group_sum(partial, warp_rows, scratch))
-    write_softmax_backward(grad_output, output, grad_input, row, rank, n, size, g, dot)
+    write_backward(grad_output, output, grad_input, row, rank, n, size, g, dot, False)
 
 
 # A split row's backward pass: each segment's sum (of grad_output, or of grad_output * output
@@ -437,7 +456,7 @@ def log_softmax_backward_segments(grad_output, output, partials, grad_input):
     total = grad_output.dtype.type(merged_sum(partials, row, scratch))
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     load_grad(grad_output, output, row, start, hi, size, g, False)
-    write_log_softmax_backward(grad_output, output, grad_input, row, start, hi, size, g, total)
+    write_backward(grad_output, output, grad_input, row, start, hi, size, g, total, True)
 
 
 @cuda.jit(cache=True)
@@ -448,7 +467,7 @@ def softmax_backward_segments(grad_output, output, partials, grad_input):
     dot = grad_output.dtype.type(merged_sum(partials, row, scratch))
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     load_grad(grad_output, output, row, start, hi, size, g, False)
-    write_softmax_backward(grad_output, output, grad_input, row, start, hi, size, g, dot)
+    write_backward(grad_output, output, grad_input, row, start, hi, size, g, dot, False)
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -473,6 +492,16 @@ def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_row
     for j in range(start + VALUES * size, n, size):
         partial += weight[j] * (x[row, j] - shift)
     return group_sum(partial, warp_rows, scratch)
+
+
+@cuda.jit(device=True)
+def class_grad(x_j, w_j, is_target, shift, a, b, target_term, smoothed):
+    """The class-index loss's gradient at one class: ``p * a``, less ``w_j * b`` with label
+    smoothing, less ``target_term`` at the target."""
+    g = math.exp(x_j - shift) * a
+    if smoothed:
+        g -= w_j * b
+    return g - target_term if is_target else g
 
 
 @cuda.jit(device=True)
@@ -513,21 +542,34 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, s, weighted,
     a = x.dtype.type(p_coef / s)
     b = x.dtype.type(scale * smoothing / n_classes)
     target_term = x.dtype.type(scale * (1.0 - smoothing) * w_t)
-    for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            g = math.exp(cached[k] - shift) * a - weight[j] * b
-            grad[row, j] = g - target_term if j == t else g
+    smoothed = smoothing > 0.0  # only then does the gradient read the weights
+    mine, my_weights, count = grad[row, start:], weight[start:], n - start
+    target_at = t - start
+    if smoothed:  # two loops rather than a test per class: each is unrolled whole
+        for k in range(VALUES):
+            j = k * size
+            if j < count:
+                mine[j] = class_grad(cached[k], my_weights[j], j == target_at, shift, a, b,
+                                     target_term, True)
+    else:
+        for k in range(VALUES):
+            j = k * size
+            if j < count:
+                mine[j] = class_grad(cached[k], 0, j == target_at, shift, a, b, target_term,
+                                     False)
+    w = cuda.local.array(UNROLL, weight.dtype)
     first = start + VALUES * size
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x, row, j, n, size, chunk)
+        load_chunk(x[row], j, n, size, chunk, 0)
+        if smoothed:
+            load_chunk(weight, j, n, size, w, 0)
         for u in range(UNROLL):
             ju = j + u * size
             if ju < n:
-                g = math.exp(chunk[u] - shift) * a - weight[ju] * b
-                grad[row, ju] = g - target_term if ju == t else g
+                grad[row, ju] = class_grad(chunk[u], w[u], ju == t, shift, a, b, target_term,
+                                           smoothed)
 
 
 @cuda.jit(cache=True)
@@ -654,14 +696,25 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
     keep = 1.0 - smoothing
     spread = smoothing / x.shape[1]
     a = x.dtype.type(scale * (wy_sum + 2.0 * z_loss * row_lse) / s)
-    for k in range(VALUES):
-        j = start + k * size
-        if j < n:
-            grad[row, j] = (math.exp(cached[k] - shift) * a
-                            - scale * weight[j] * (y[row, j] * keep + spread))
-    for j in range(start + VALUES * size, n, size):
-        grad[row, j] = (math.exp(x[row, j] - shift) * a
-                        - scale * weight[j] * (y[row, j] * keep + spread))
+    mine, my_weights, my_y, count = grad[row, start:], weight[start:], y[row, start:], n - start
+    for k in range(VALUES):  # a load before each store: see "the losses' cached part" above
+        j = k * size
+        if j < count:
+            mine[j] = (math.exp(cached[k] - shift) * a
+                       - scale * my_weights[j] * (my_y[j] * keep + spread))
+    w = cuda.local.array(UNROLL, weight.dtype)
+    p = cuda.local.array(UNROLL, y.dtype)
+    first = start + VALUES * size
+    chunk = cuda.local.array(UNROLL, x.dtype)
+    for q in range(tail_chunks(first, n, size) - 1, -1, -1):
+        j = first + q * UNROLL * size
+        load_chunk(x[row], j, n, size, chunk, 0)
+        load_chunk(weight, j, n, size, w, 0)
+        load_chunk(y[row], j, n, size, p, 0)
+        for u in range(UNROLL):
+            if j + u * size < n:
+                grad[row, j + u * size] = (math.exp(chunk[u] - shift) * a
+                                           - scale * w[u] * (p[u] * keep + spread))
 
 
 @cuda.jit(cache=True)
@@ -758,19 +811,28 @@ def check_targets(target, weight, ignore_index, out):
     """``out[0]``: the first position of a target outside ``[0, C)`` that is not
     ``ignore_index`` (the target count where there is none); ``out[1]``: the sum of
     ``weight[t]`` over the kept targets.  One block, in a fixed order (as :func:`sum_rows`), so
-    the caller learns both with one copy to the host."""
+    the caller learns both with one copy to the host.  Targets are read ``UNROLL`` at a time, and
+    their weights after them: a block has few loads in flight otherwise."""
     scratch = cuda.shared.array(WARP, float64)
     n = target.shape[0]
+    size = cuda.blockDim.x
     first = float64(n)
     denominator = float64(0.0)
-    for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-        t = target[i]
-        if t == ignore_index:
-            continue
-        if t < 0 or t >= weight.shape[0]:
-            first = float64(i)  # this thread's first is its smallest: it walks up
-            break
-        denominator += weight[t]
+    n_classes = weight.shape[0]
+    chunk = cuda.local.array(UNROLL, int64)
+    weights = cuda.local.array(UNROLL, weight.dtype)
+    for i in range(cuda.threadIdx.x, n, UNROLL * size):
+        load_chunk(target, i, n, size, chunk, ignore_index)
+        for u in range(UNROLL):  # clamped, so that the loads need no test and go together
+            weights[u] = weight[min(max(chunk[u], 0), n_classes - 1)] if n_classes > 0 else 0
+        for u in range(UNROLL):
+            t = chunk[u]
+            if t == ignore_index:
+                continue
+            if 0 <= t < n_classes:
+                denominator += weights[u]
+            else:  # this thread walks up: its first bad target is its smallest
+                first = min(first, float64(i + u * size))
     first = -group_max(-first, False, scratch)
     denominator = group_sum(denominator, False, scratch)
     if cuda.threadIdx.x == 0:
@@ -783,9 +845,13 @@ def sum_rows(values, divisor, out):
     """``out[0] = sum(values) / divisor``: one block, each thread a fixed stride, then a fixed
     tree, so the same input always gives the same bits (no float atomics)."""
     scratch = cuda.shared.array(WARP, float64)
+    n = values.shape[0]
     partial = float64(0.0)
-    for i in range(cuda.threadIdx.x, values.shape[0], cuda.blockDim.x):
-        partial += values[i]
+    chunk = cuda.local.array(UNROLL, float64)
+    for i in range(cuda.threadIdx.x, n, UNROLL * cuda.blockDim.x):
+        load_chunk(values, i, n, cuda.blockDim.x, chunk, 0)
+        for u in range(UNROLL):
+            partial += chunk[u]
     total = group_sum(partial, False, scratch)
     if cuda.threadIdx.x == 0:
         out[0] = total / divisor
