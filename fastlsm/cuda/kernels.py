@@ -697,11 +697,12 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
     spread = smoothing / x.shape[1]
     a = x.dtype.type(scale * (wy_sum + 2.0 * z_loss * row_lse) / s)
     mine, my_weights, my_y, count = grad[row, start:], weight[start:], y[row, start:], n - start
+    for k in range(VALUES):  # two loops: one would be too long to unroll whole in float64
+        cached[k] = math.exp(cached[k] - shift) * a
     for k in range(VALUES):  # a load before each store: see "the losses' cached part" above
         j = k * size
         if j < count:
-            mine[j] = (math.exp(cached[k] - shift) * a
-                       - scale * my_weights[j] * (my_y[j] * keep + spread))
+            mine[j] = cached[k] - scale * my_weights[j] * (my_y[j] * keep + spread)
     w = cuda.local.array(UNROLL, weight.dtype)
     p = cuda.local.array(UNROLL, y.dtype)
     first = start + VALUES * size
