@@ -580,16 +580,21 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
         return
     n = x.shape[1]
     t = target[row]
-    ignored = t == ignore_index
-    x_t = x[row, t] if not ignored else x.dtype.type(0.0)  # read first: grad may be x
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
     m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    ignored = t == ignore_index
     weighted = 0.0
     if smoothing > 0.0 and math.isfinite(m) and not ignored:
         weighted = weighted_shifted_sum(x, row, rank, n, size, cached, weight, x.dtype.type(m),
                                         warp_rows, scratch)
-    finish_cross_entropy(x, row, rank, n, size, rank == 0, cached, m, s, weighted, t, ignored, x_t,
+    # The thread that holds the target's class reads its logit and writes the row's loss: it is
+    # the only one to write the gradient there (grad may be x), and no load of the row waited on
+    # the read, as they would at the start of the kernel.
+    owns_target = not ignored and t % size == rank
+    x_t = x[row, t] if owns_target else x.dtype.type(0.0)
+    leader = owns_target or (ignored and rank == 0)
+    finish_cross_entropy(x, row, rank, n, size, leader, cached, m, s, weighted, t, ignored, x_t,
                          weight, total_weight, smoothing, z_loss, scale, loss, lse, grad)
 
 
