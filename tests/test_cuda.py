@@ -375,6 +375,20 @@ def test_nll_loss(reduction, rng):
     check_grad(grad, exp_grad, scales, case.x, F64, "nll_loss grad")
 
 
+@pytest.mark.parametrize("shape", [WARP_ROWS, BLOCK_ROWS], ids=["warp", "block"])
+def test_nll_loss_in_place_gradient(shape, rng):
+    # The thread that writes the gradient at the target reads the target's value first.
+    x = logits(shape, F64, rng, nonfinite=False)
+    target = rng.integers(0, shape[1], shape[0])
+    target[1] = -100
+    expected_loss, expected_grad = fastlsm.nll_loss(x, target, reduction="none", return_grad=True)
+    dx = cuda.to_device(x)
+    loss, grad = fastlsm.nll_loss(dx, target, reduction="none", grad_out=dx)
+    assert grad is dx
+    np.testing.assert_array_equal(loss.copy_to_host(), expected_loss)
+    np.testing.assert_array_equal(dx.copy_to_host(), expected_grad)
+
+
 def test_loss_on_device_arrays_and_in_place_gradient(rng):
     case = make_case("NC", rng, dtype=F32, weighted=True)
     dx = cuda.to_device(case.x)
@@ -384,9 +398,10 @@ def test_loss_on_device_arrays_and_in_place_gradient(rng):
                                                          return_grad=True)
     np.testing.assert_allclose(loss.copy_to_host(), expected_loss, rtol=1e-6)
     np.testing.assert_allclose(grad.copy_to_host(), expected_grad, atol=1e-7)
-    _, same = fastlsm.cross_entropy(dx, cuda.to_device(case.target), cuda.to_device(case.weight),
-                                    grad_out=dx)
+    loss, same = fastlsm.cross_entropy(dx, cuda.to_device(case.target),
+                                       cuda.to_device(case.weight), grad_out=dx)
     assert same is dx
+    np.testing.assert_allclose(loss.copy_to_host(), expected_loss, rtol=1e-6)
     np.testing.assert_allclose(dx.copy_to_host(), expected_grad, atol=1e-7)
 
 

@@ -799,17 +799,15 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad, warp_rows)
         return
     t = target[row]
     ignored = t == ignore_index
-    value = 0.0 if ignored else -weight[t] * x[row, t]
+    # As in cross_entropy_rows, the thread that holds the target's class reads its logit (before
+    # it writes the gradient there: grad may be x) and writes the loss; no barrier is needed.
+    if not ignored and t % size == rank:
+        loss[row] = -weight[t] * x[row, t]
+    elif ignored and rank == 0:
+        loss[row] = 0.0
     if grad.shape[0] > 0:
-        # Every thread reads x[row, t] before any writes its part of the row: grad may be x.
-        if warp_rows:
-            cuda.syncwarp(FULL_MASK)
-        else:
-            cuda.syncthreads()
         for j in range(rank, grad.shape[1], size):
             grad[row, j] = -scale * weight[t] if j == t and not ignored else 0.0
-    if rank == 0:
-        loss[row] = value
 
 
 @cuda.jit(cache=True)
