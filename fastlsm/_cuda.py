@@ -269,28 +269,40 @@ def _launch(kernel, blocks, threads, *args) -> None:
 
 
 MIN_BLOCK = 64
-# At most this many threads share a row.  Measured on an H100 (float32, one run): log_softmax
-# took 1.67 / 13.1 / 6.95 ms at 8192x32000 / 16384x131072 / 4096x262144 with blocks of up to 1024,
-# 1.76 / 14.4 / 7.74 ms with 512 and 1.91 / 14.5 / 7.75 ms with 256; the fused loss and gradient
-# moved by under 10% either way.
-MAX_BLOCK = 1024
+MAX_BLOCK = 1024  # at most this many threads share a row
+# A block of a long row loads, reduces, then writes, and only another block on the same
+# multiprocessor keeps memory busy while it reduces; so a block is at most as large as lets two of
+# them share one, even if that streams more of the row (from L2) than one larger block would.
+# Measured on an H100 (float32, VALUES 16, log_softmax_rows at 64 registers): log_softmax took
+# 1.31 / 9.71 / 5.36 ms at 8192x32000 / 16384x131072 / 4096x262144 in blocks of 448 threads,
+# two a multiprocessor, and 2.01 / 10.15 / 5.28 ms in blocks of 1024, one a multiprocessor.
+BLOCKS_PER_MULTIPROCESSOR = 2
 ROWS_PER_BLOCK = 8  # warps (rows) in a block of the warp-per-row kernels
 
 
 @functools.cache
 def _max_threads(kernel, signature) -> int:
-    return kernel.compile(signature).max_threads_per_block
+    """The largest block of ``kernel`` (whole warps) of which :data:`BLOCKS_PER_MULTIPROCESSOR`
+    fit on a multiprocessor, by the driver's occupancy count (registers, shared memory); a
+    block as large as one alone allows where not even a warp's do."""
+    compiled = kernel.compile(signature)
+    warp = _kernels().WARP
+    alone = compiled.max_threads_per_block // warp * warp
+    wanted = BLOCKS_PER_MULTIPROCESSOR * _multiprocessors()
+    for threads in range(alone, 0, -warp):
+        if compiled.max_cooperative_grid_blocks(threads) >= wanted:
+            return threads
+    return alone
 
 
 def _block_threads(kernel, args: tuple, n_classes: int) -> int:
     """Threads of a block that takes ``n_classes`` of a row: ``ceil(n_classes / VALUES)``,
-    within :data:`MIN_BLOCK` to :data:`MAX_BLOCK` and what the kernel's registers allow."""
+    within :data:`MIN_BLOCK` to :data:`MAX_BLOCK` and :func:`_max_threads`."""
     k = _kernels()
     threads = min(MAX_BLOCK, max(MIN_BLOCK, -(-n_classes // (k.VALUES * k.WARP)) * k.WARP))
     typeof = getattr(kernel, "typeof_pyval", None)
     if typeof is not None:  # the simulator has no registers to run out of
-        limit = _max_threads(kernel, tuple(typeof(a) for a in args))
-        threads = min(threads, limit // k.WARP * k.WARP)
+        threads = min(threads, _max_threads(kernel, tuple(typeof(a) for a in args)))
     return threads
 
 

@@ -115,8 +115,9 @@ def test_split_policy(split_rows, monkeypatch):
     assert _cuda._segments(67, 10**6) == 1        # more than half as many rows as multiprocessors
     assert _cuda._segments(66, 10**6) == 4        # two blocks a multiprocessor
     assert _cuda._segments(1, 262144) == 128      # segments of at least MIN_SEGMENT classes
-    assert _cuda._segments(1, 32768) == 1         # one block holds the row in registers
-    assert _cuda._segments(1, 32769) == 16
+    held = kernels.VALUES * _cuda.MAX_BLOCK
+    assert _cuda._segments(1, held) == 1          # one block holds the row in registers
+    assert _cuda._segments(1, held + 1) == (held + 1) // 2048
     assert _cuda._segments(0, 10**6) == 1
 
 
