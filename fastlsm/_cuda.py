@@ -271,11 +271,15 @@ def _launch(kernel, blocks, threads, *args) -> None:
 MIN_BLOCK = 64
 MAX_BLOCK = 1024  # at most this many threads share a row
 # A block of a long row loads, reduces, then writes, and only another block on the same
-# multiprocessor keeps memory busy while it reduces; so a block is at most as large as lets two of
-# them share one, even if that streams more of the row (from L2) than one larger block would.
-# Measured on an H100 (float32, VALUES 16, log_softmax_rows at 64 registers): log_softmax took
-# 1.31 / 9.71 / 5.36 ms at 8192x32000 / 16384x131072 / 4096x262144 in blocks of 448 threads,
-# two a multiprocessor, and 2.01 / 10.15 / 5.28 ms in blocks of 1024, one a multiprocessor.
+# multiprocessor keeps memory busy while it reduces.  So a block is at most as large as lets two of
+# them share one (each then streams more of its row, from L2), unless that leaves the
+# multiprocessor fewer threads than one larger block: threads are what keep loads in flight.
+# Measured on an H100 (float32, VALUES 16): log_softmax (64 registers) took 1.31 / 9.71 / 5.36 ms
+# at 8192x32000 / 16384x131072 / 4096x262144 in blocks of 448 threads, two a multiprocessor, and
+# 2.01 / 10.15 / 5.28 ms in one block of 1024; the fused loss and gradient (95 registers: one
+# block of 672, or two of 320) 2.18 / 13.0 / 6.78 ms in blocks of 672 and 2.23 / 14.6 / 8.23 in
+# blocks of 448, one a multiprocessor.  The rule gives log_softmax two blocks of 512 and the loss
+# one of 672; neither was timed exactly so.
 BLOCKS_PER_MULTIPROCESSOR = 2
 ROWS_PER_BLOCK = 8  # warps (rows) in a block of the warp-per-row kernels
 
@@ -283,15 +287,20 @@ ROWS_PER_BLOCK = 8  # warps (rows) in a block of the warp-per-row kernels
 @functools.cache
 def _max_threads(kernel, signature) -> int:
     """The largest block of ``kernel`` (whole warps) of which :data:`BLOCKS_PER_MULTIPROCESSOR`
-    fit on a multiprocessor, by the driver's occupancy count (registers, shared memory); a
-    block as large as one alone allows where not even a warp's do."""
+    fit on a multiprocessor, by the driver's occupancy count (registers, shared memory), unless
+    the largest block that fits alone leaves the multiprocessor more threads."""
     compiled = kernel.compile(signature)
     warp = _kernels().WARP
+    multiprocessors = _multiprocessors()
+
+    def resident(threads: int) -> int:
+        return compiled.max_cooperative_grid_blocks(threads) // multiprocessors * threads
+
     alone = compiled.max_threads_per_block // warp * warp
-    wanted = BLOCKS_PER_MULTIPROCESSOR * _multiprocessors()
+    wanted = BLOCKS_PER_MULTIPROCESSOR * multiprocessors
     for threads in range(alone, 0, -warp):
         if compiled.max_cooperative_grid_blocks(threads) >= wanted:
-            return threads
+            return threads if resident(threads) >= resident(alone) else alone
     return alone
 
 

@@ -121,6 +121,34 @@ def test_split_policy(split_rows, monkeypatch):
     assert _cuda._segments(0, 10**6) == 1
 
 
+class RegisterBoundKernel:
+    """A compiled kernel as the occupancy count sees it on an H100: 65536 registers and 64 warps
+    a multiprocessor, registers given to a warp 256 at a time."""
+
+    def __init__(self, registers: int):
+        warp_registers = -(-registers * 32 // 256) * 256
+        self.warps = min(64, 65536 // warp_registers)
+        self.max_threads_per_block = min(1024, self.warps * 32)
+
+    def compile(self, signature):
+        return self
+
+    def max_cooperative_grid_blocks(self, threads: int) -> int:
+        return min(32, self.warps // -(-threads // 32)) * 132
+
+
+@pytest.mark.parametrize("registers, threads", [
+    (64, 512),   # two blocks of 512 hold as many threads as one of 1024
+    (72, 448),   # two of 448 as many as one of 896
+    (95, 672),   # two would be 320 each, 640 in all: one of 672 holds more
+    (32, 1024),  # two of the largest block fit
+    (255, 128),  # 8 warps fit: two blocks of 4 warps as many as one of 8
+])
+def test_block_size_rule(registers, threads, monkeypatch):
+    monkeypatch.setattr(_cuda, "_multiprocessors", lambda: 132)
+    assert _cuda._max_threads(RegisterBoundKernel(registers), ()) == threads
+
+
 @pytest.fixture
 def warp_blocks(monkeypatch):
     """Blocks of one warp (the simulator runs a block a second or so: split rows make many)."""
