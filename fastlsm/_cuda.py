@@ -43,6 +43,22 @@ def _cuda():
     return cuda
 
 
+def _one_context(entry_point):
+    """``entry_point`` run inside one numba-cuda context scope (``cuda.require_context``).
+    Outside a scope, each of numba's API calls in it (``as_cuda_array``, ``device_array``,
+    copies) asks the driver for the current context and looks up its primary context again;
+    inside one they find both in thread-local storage."""
+    @functools.wraps(entry_point)
+    def call(*args, **kwargs):
+        return _scoped(entry_point)(*args, **kwargs)
+    return call
+
+
+@functools.cache
+def _scoped(entry_point):
+    return _cuda().require_context(entry_point)
+
+
 @functools.cache
 def _kernels():
     _cuda()
@@ -402,14 +418,17 @@ def _elementwise(name: str, x, axis, out):
     return _handed_back(result, array)
 
 
+@_one_context
 def log_softmax(x, axis=-1, *, out=None):
     return _elementwise("log_softmax", x, axis, out)
 
 
+@_one_context
 def softmax(x, axis=-1, *, out=None):
     return _elementwise("softmax", x, axis, out)
 
 
+@_one_context
 def logsumexp(x, axis=-1, *, keepdims=False, out=None):
     array = _device_array(x, "x")
     shape = tuple(array.view.shape)
@@ -464,10 +483,12 @@ def _launch_backward(name: str, g_rows: _Rows, output, grad_input) -> None:
                      (f"{name}_backward_segments", (grad_output, output, partials, grad_input)))
 
 
+@_one_context
 def log_softmax_backward(grad_output, output, axis=-1):
     return _backward("log_softmax", grad_output, output, axis)
 
 
+@_one_context
 def softmax_backward(grad_output, output, axis=-1):
     return _backward("softmax", grad_output, output, axis)
 
@@ -635,6 +656,7 @@ def _finish(loss: _Loss, value, grad, grad_out, lse):
     return results[0] if len(results) == 1 else tuple(results)
 
 
+@_one_context
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, axis=1, return_grad=False, grad_out=None, z_loss=0.0,
                   return_lse=False):
@@ -709,6 +731,7 @@ def _launch_cross_entropy_probs(rows: _Rows, y, args: tuple, per_row, lse, grad)
                                                        grad)))
 
 
+@_one_context
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *, axis=1,
              return_grad=False, grad_out=None):
     ignore_index = _loss._check_options(ignore_index, reduction, 0.0, 0.0)[0]
