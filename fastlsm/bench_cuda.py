@@ -5,6 +5,9 @@ Inputs are PyTorch CUDA tensors, which fastlsm reads in place and answers with P
 shape: first ``dst.copy_(x)`` into a preallocated tensor, the memory floor (it reads and writes
 ``N*C`` elements); then each op, checked against PyTorch and timed with CUDA events (the median of
 ``--repeat`` calls after :data:`WARMUP_CALLS` untimed ones, which also compile the kernels).
+fastlsm's row also gives its *host* time, how long the Python call takes to return: where that
+is close to the event time, the GPU waited on the host (launches, wrapping arrays, the target
+check's copy back), not on memory.
 Rows print as they complete.  A step that runs out of GPU memory says ``oom`` in its row and the
 run goes on.  Exit status: 0; 1 when an error is over its limit or a step failed; 2 when PyTorch
 and numba-cuda cannot both reach a CUDA GPU.
@@ -261,6 +264,7 @@ class CudaRecord:
     dtype: str
     bytes_moved: int
     time_s: float | None = None      # fastlsm's median; on the copy row, the copy's
+    host_s: float | None = None      # the same call's median time to return to Python
     torch_s: float | None = None
     copy_s: float | None = None      # the copy's median on the same input
     checks: list[Check] = field(default_factory=list)
@@ -296,12 +300,21 @@ class CudaRecord:
                 "speedup": self.speedup, "passed": self.passed}
 
 
-def time_call(call: Callable[[], Any], reps: int) -> float:
-    """Median seconds of ``call`` between two CUDA events, over ``reps`` calls after
-    :data:`WARMUP_CALLS` untimed ones.
+@dataclass(frozen=True)
+class Timing:
+    """Medians of one call: between CUDA events around it, and until it returned to Python."""
+
+    device_s: float
+    host_s: float
+
+
+def time_call(call: Callable[[], Any], reps: int) -> Timing:
+    """:class:`Timing` of ``call`` over ``reps`` calls after :data:`WARMUP_CALLS` untimed ones.
 
     The events go on PyTorch's current stream, the legacy default stream, which is also where
-    numba-cuda launches fastlsm's kernels.
+    numba-cuda launches fastlsm's kernels.  The queue is empty when each call starts, so the
+    event time also counts the host's time to launch: a call that returns no sooner than its
+    kernels end kept the GPU waiting.
     """
     import torch
     for _ in range(WARMUP_CALLS):
@@ -309,14 +322,16 @@ def time_call(call: Callable[[], Any], reps: int) -> float:
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
-    samples = []
+    device, host = [], []
     for _ in range(reps):
         start.record()
+        started = time.perf_counter()
         call()
+        host.append(time.perf_counter() - started)
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(samples))
+        device.append(start.elapsed_time(end) / 1e3)
+    return Timing(float(np.median(device)), float(np.median(host)))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -406,8 +421,10 @@ def bench_shape(shape: tuple[int, int], dtype: str, ops: Sequence[CudaOp], reps:
         yield copy
         return
     x, target, rows = inputs
-    copy.time_s = copy.copy_s = attempt(copy, "copy", lambda: time_call(_copy_call(x), reps),
-                                        reported)
+    timing = attempt(copy, "copy", lambda: time_call(_copy_call(x), reps), reported)
+    if timing is not None:
+        copy.time_s = copy.copy_s = timing.device_s
+        copy.host_s = timing.host_s
     yield copy
     for op in ops:
         progress(f"{name}: {op.name}")
@@ -415,10 +432,12 @@ def bench_shape(shape: tuple[int, int], dtype: str, ops: Sequence[CudaOp], reps:
                             copy_s=copy.copy_s)
         record.checks = attempt(record, "check", lambda: op.check(x, target, rows, RTOL[dtype]),
                                 reported) or []
-        record.time_s = attempt(record, "fastlsm", lambda: time_call(op.fastlsm(x, target), reps),
-                                reported)
-        record.torch_s = attempt(record, "torch", lambda: time_call(op.torch(x, target), reps),
-                                 reported)
+        timing = attempt(record, "fastlsm", lambda: time_call(op.fastlsm(x, target), reps),
+                         reported)
+        if timing is not None:
+            record.time_s, record.host_s = timing.device_s, timing.host_s
+        timing = attempt(record, "torch", lambda: time_call(op.torch(x, target), reps), reported)
+        record.torch_s = None if timing is None else timing.device_s
         yield record
     del x, target, rows, inputs
     release_memory()
@@ -464,8 +483,8 @@ def run(shapes: Sequence[tuple[int, int]], dtypes: Sequence[str], op_names: Sequ
 
 
 def format_header() -> str:
-    return (f"{'op':<28}{'shape':>14}{'dtype':>9}{'fastlsm':>11}{'GB/s':>9}{'x copy (r+w)':>14}"
-            f"{'torch':>11}{'speed-up':>10}  err vs torch")
+    return (f"{'op':<28}{'shape':>14}{'dtype':>9}{'fastlsm':>11}{'host':>11}{'GB/s':>9}"
+            f"{'x copy (r+w)':>14}{'torch':>11}{'speed-up':>10}  err vs torch")
 
 
 def _time_cell(record: CudaRecord, seconds: float | None, step: str) -> str:
@@ -502,7 +521,8 @@ def format_row(record: CudaRecord) -> str:
     speedup = "-" if record.speedup is None else f"{record.speedup:.2f}x"
     time_step = "copy" if record.op == "copy" else "fastlsm"
     return (f"{record.op:<28}{shape_str(record.shape):>14}{record.dtype:>9}"
-            f"{_time_cell(record, record.time_s, time_step):>11}{gbps:>9}{multiple:>14}"
+            f"{_time_cell(record, record.time_s, time_step):>11}"
+            f"{_time_cell(record, record.host_s, time_step):>11}{gbps:>9}{multiple:>14}"
             f"{_time_cell(record, record.torch_s, 'torch'):>11}{speedup:>10}  "
             f"{_errors_cell(record)}")
 
@@ -584,6 +604,8 @@ def run_args(args: argparse.Namespace) -> int:
     print(f"Times: CUDA events, the median of {reps} calls after {WARMUP_CALLS} warm-up calls. "
           "copy: dst.copy_(x) into a preallocated tensor, which reads and writes N*C elements "
           "(the floor); 'x copy' is time over the copy's, also for the ops that only read. "
+          "host: the median time the call took to return to Python (launches and all the "
+          "host's work; near the event time, the GPU waited on the host). "
           "fastlsm and torch allocate their outputs; cross_entropy_grad_inplace writes the "
           "gradient over its input (grad_out=x), and its torch column is torch's forward and "
           "backward again. err vs torch: max |fastlsm - torch| on the first and last "

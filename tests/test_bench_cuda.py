@@ -30,12 +30,14 @@ def torch_cuda_available() -> bool:
 
 
 def wall_time(call, reps):
-    """:func:`bench_cuda.time_call` without CUDA events."""
+    """:func:`bench_cuda.time_call` without CUDA events: on the CPU, the call's time and its
+    time to return are one."""
     call()
     start = time.perf_counter()
     for _ in range(reps):
         call()
-    return (time.perf_counter() - start) / reps
+    seconds = (time.perf_counter() - start) / reps
+    return bench_cuda.Timing(seconds, seconds)
 
 
 def fastlsm_on_torch_cpu(torch, grad_offset=0.0):
@@ -182,13 +184,13 @@ def fake_records():
     moved = bench_cuda.bytes_moved
     return [
         Record("copy", [8192, 32000], "float32", moved("copy", (8192, 32000), "float32"),
-               time_s=1e-3, copy_s=1e-3),
+               time_s=1e-3, host_s=12e-6, copy_s=1e-3),
         Record("log_softmax", [8192, 32000], "float32",
-               moved("log_softmax", (8192, 32000), "float32"), time_s=1.25e-3, torch_s=2.5e-3,
-               copy_s=1e-3, checks=[Check("abs", 2.4e-6, 3e-3)]),
+               moved("log_softmax", (8192, 32000), "float32"), time_s=1.25e-3, host_s=150e-6,
+               torch_s=2.5e-3, copy_s=1e-3, checks=[Check("abs", 2.4e-6, 3e-3)]),
         Record("cross_entropy_grad", [8192, 32000], "float32",
-               moved("cross_entropy_grad", (8192, 32000), "float32"), time_s=2e-3, torch_s=None,
-               copy_s=1e-3, checks=[Check("loss", 1e-7, 1e-4), Check("grad", 5e-5, 1e-8)],
+               moved("cross_entropy_grad", (8192, 32000), "float32"), time_s=2e-3, host_s=0.56e-3,
+               torch_s=None, copy_s=1e-3, checks=[Check("loss", 1e-7, 1e-4), Check("grad", 5e-5, 1e-8)],
                notes=["torch: oom"]),
         Record("softmax", [8192, 32000], "float32", moved("softmax", (8192, 32000), "float32"),
                copy_s=1e-3, notes=["fastlsm: RuntimeError: boom"], crashed=True),
@@ -198,16 +200,16 @@ def fake_records():
 def test_format_rows():
     text = bench_cuda.format_rows(fake_records())
     header, copy, log_softmax, grad, softmax = text.splitlines()
-    assert header.split()[:4] == ["op", "shape", "dtype", "fastlsm"]
+    assert header.split()[:5] == ["op", "shape", "dtype", "fastlsm", "host"]
     assert "x copy (r+w)" in header and header.endswith("err vs torch")
-    assert copy.split() == ["copy", "8192x32000", "float32", "1.00", "ms", "2097.2", "1.00x",
-                            "-", "-", "-"]
-    assert log_softmax.split() == ["log_softmax", "8192x32000", "float32", "1.25", "ms", "1677.7",
-                                   "1.25x", "2.50", "ms", "2.00x", "2.4e-06"]
-    assert grad.split()[:10] == ["cross_entropy_grad", "8192x32000", "float32", "2.00", "ms",
-                                 "1048.6", "2.00x", "oom", "-", "loss"]
+    assert copy.split() == ["copy", "8192x32000", "float32", "1.00", "ms", "12.0", "us", "2097.2",
+                            "1.00x", "-", "-", "-"]
+    assert log_softmax.split() == ["log_softmax", "8192x32000", "float32", "1.25", "ms", "150.0",
+                                   "us", "1677.7", "1.25x", "2.50", "ms", "2.00x", "2.4e-06"]
+    assert grad.split()[:12] == ["cross_entropy_grad", "8192x32000", "float32", "2.00", "ms",
+                                 "560.0", "us", "1048.6", "2.00x", "oom", "-", "loss"]
     assert "grad 5.0e-05 FAIL (limit 1.0e-08)" in grad and grad.endswith("[torch: oom]")
-    assert softmax.split()[3:8] == ["error", "-", "-", "-", "-"]
+    assert softmax.split()[3:9] == ["error", "error", "-", "-", "-", "-"]
     assert "[fastlsm: RuntimeError: boom]" in softmax
     # the columns line up
     assert len({line.index("float32") for line in text.splitlines()[1:]}) == 1
@@ -238,6 +240,7 @@ def test_pipeline_checks_and_times_every_op(torch_cpu, tmp_path):
     for record in records:
         assert record.passed, record
         assert record.time_s > 0 and record.copy_s > 0 and record.gbps > 0
+        assert record.host_s == record.time_s  # wall_time's: one clock on the CPU
         if record.op == "copy":
             assert record.checks == [] and record.torch_s is None
         else:
@@ -285,7 +288,7 @@ def test_pipeline_goes_on_after_oom_and_errors(torch_cpu, monkeypatch, capsys):
     assert err.count("ValueError: kernel launch failed") == 1   # one traceback for both calls
     assert bench_cuda.exit_status(records) == 1
     softmax_row = next(line for line in text.splitlines() if line.startswith("softmax "))
-    assert softmax_row.split()[7] == "oom"
+    assert softmax_row.split()[9] == "oom"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_on_the_gpu(tmp_path, capsys):
     assert [r["op"] for r in records] == ["copy", *bench_cuda.OPS] * 2
     for record in records:
         assert record["passed"] and not record["notes"], record
-        assert record["time_s"] > 0
+        assert record["time_s"] > 0 and record["host_s"] > 0
         if record["op"] != "copy":
             assert record["torch_s"] > 0 and record["checks"]
     assert "every check within its limit" in out
