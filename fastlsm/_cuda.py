@@ -501,8 +501,15 @@ def _nothing(shape: tuple[int, ...], dtype: np.dtype):
     return _cuda().device_array(shape, dtype)
 
 
-@functools.lru_cache(maxsize=16)
 def _unit_weight(n_classes: int, dtype: np.dtype):
+    """Weights of 1 on the current GPU, made once per GPU, size and dtype."""
+    return _unit_weight_on(n_classes, dtype, _cuda().get_current_device().uuid)
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_weight_on(n_classes: int, dtype: np.dtype, device: str):
+    # ``device`` (the GPU's uuid) is in the key so that a call on another GPU (made current by
+    # torch.cuda.set_device, say) never reads an array that lives on the first.
     return _cuda().to_device(np.ones(n_classes, dtype))
 
 

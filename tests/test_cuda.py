@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -432,6 +433,16 @@ def test_loss_on_device_arrays_and_in_place_gradient(rng):
     assert same is dx
     np.testing.assert_allclose(loss.copy_to_host(), expected_loss, rtol=1e-6)
     np.testing.assert_allclose(dx.copy_to_host(), expected_grad, atol=1e-7)
+
+
+def test_unit_weights_are_made_once_per_gpu(monkeypatch):
+    first = _cuda._unit_weight(7, np.dtype(F32))
+    assert _cuda._unit_weight(7, np.dtype(F32)) is first
+    another_gpu = types.SimpleNamespace(uuid="GPU-another")
+    monkeypatch.setattr(cuda, "get_current_device", lambda: another_gpu)
+    second = _cuda._unit_weight(7, np.dtype(F32))
+    assert second is not first
+    np.testing.assert_array_equal(second.copy_to_host(), np.ones(7, F32))
 
 
 def test_reductions_are_deterministic(rng):
