@@ -3,7 +3,6 @@
 Importing fastlsm is cheap: Numba and the kernels load on the first call.
 """
 
-from fastlsm._devices import get_default_device, set_default_device
 from fastlsm._loss import cross_entropy, nll_loss
 from fastlsm._softmax import (
     log_softmax,
@@ -12,6 +11,7 @@ from fastlsm._softmax import (
     softmax,
     softmax_backward,
 )
+from fastlsm.backends.base import get_default_device, set_default_device
 
 __version__ = "0.1.0"
 

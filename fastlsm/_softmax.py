@@ -1,40 +1,19 @@
-"""log_softmax, softmax, logsumexp and their backward passes (the public API)."""
+"""log_softmax, softmax, logsumexp and their backward passes (the public API).
+
+Each function takes the CPU's fast path for the plain NumPy call, or builds its spec
+(:mod:`fastlsm._spec`) and hands it to the backend that serves it (:mod:`fastlsm.backends.base`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from numpy.typing import ArrayLike
 
-from fastlsm import _devices
-from fastlsm import _dispatch as d
+from fastlsm import _spec
+from fastlsm.backends import base
 
 Axis = int | tuple[int, ...] | None
-
-
-def _elementwise(kernel: str, x: ArrayLike, axis: Axis, out: np.ndarray | None):
-    if d.plain_rows(x, axis) and d.plain_out(x, out):
-        result = np.empty_like(x) if out is None else out
-        d.run(kernel, x.reshape(-1, x.shape[-1]), result.reshape(-1, x.shape[-1]))
-        return result
-    array = d.as_real_array(x, "x")
-    axes = d.normalize_axes(axis, array.ndim)
-    columns = d.column_view(array, axes)
-    if columns is not None:
-        result = np.empty_like(array) if out is None else out
-        if out is not None:
-            d.check_out(out, array.shape, array.dtype)
-        result_columns = d.column_view(result, axes)
-        if result_columns is not None and result_columns.strides == columns.strides and (
-                result is array or not np.may_share_memory(result, array)):
-            d.run(kernel.replace("_rows", "_columns"), columns, result_columns)
-            return result
-    rows = d.to_rows(array, axes, "x")
-    result, target, scratch = d.elementwise_target(rows, out)
-    if target.size:
-        d.run(kernel, rows.matrix, target)
-    return d.finish_elementwise(rows, result, target, scratch, out)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
@@ -78,11 +57,10 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
     array([[-0.417 , -1.417 , -2.317 ],
            [-2.1041, -0.6041, -1.1041]])
     """
-    if device is not None or type(x) is not np.ndarray or _devices.default_device:
-        other = _devices.backend(x, device)
-        if other is not None:
-            return other.log_softmax(x, axis, out=out)
-    return _elementwise("log_softmax_rows", x, axis, out)
+    if base.host_device(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
+        return base.get("cpu").plain_log_softmax(x, out)
+    spec = _spec.rowwise(x, axis, out)
+    return base.resolve(spec, device).log_softmax(spec)
 
 
 def softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
@@ -99,11 +77,10 @@ def softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
     >>> fastlsm.softmax([1.0, 1.0]).tolist()
     [0.5, 0.5]
     """
-    if device is not None or type(x) is not np.ndarray or _devices.default_device:
-        other = _devices.backend(x, device)
-        if other is not None:
-            return other.softmax(x, axis, out=out)
-    return _elementwise("softmax_rows", x, axis, out)
+    if base.host_device(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
+        return base.get("cpu").plain_softmax(x, out)
+    spec = _spec.rowwise(x, axis, out)
+    return base.resolve(spec, device).softmax(spec)
 
 
 def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any = None,
@@ -135,48 +112,10 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any
     >>> float(fastlsm.logsumexp([0.0, 0.0]))  # log(2)
     0.6931471805599453
     """
-    if device is not None or type(x) is not np.ndarray or _devices.default_device:
-        other = _devices.backend(x, device)
-        if other is not None:
-            return other.logsumexp(x, axis, keepdims=keepdims, out=out)
-    if out is None and not keepdims and d.plain_rows(x, axis):
-        lse = np.empty(x.shape[:-1], x.dtype)
-        d.run("logsumexp_rows", x.reshape(-1, x.shape[-1]), lse.reshape(-1))
-        return lse[()] if lse.ndim == 0 else lse
-    array = d.as_real_array(x, "x")
-    axes = d.normalize_axes(axis, array.ndim)
-    kept = tuple(1 if i in axes else n for i, n in enumerate(array.shape))
-    shape = kept if keepdims else tuple(n for i, n in enumerate(array.shape) if i not in axes)
-    result_dtype = d.result_dtype(array.dtype, "x")
-    if out is not None:
-        d.check_out(out, shape, result_dtype)
-    columns = d.column_view(array, axes)
-    if columns is not None:
-        lse = np.empty(columns.shape[::2], columns.dtype)  # (batch, width): the rows in order
-        d.run("logsumexp_columns", columns, lse)
-    else:
-        rows = d.to_rows(array, axes, "x")
-        lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
-        if lse.size:
-            d.run("logsumexp_rows", rows.matrix, lse)
-    if out is None:
-        result = lse.reshape(shape).astype(result_dtype, copy=False)
-        return result[()] if result.ndim == 0 else result
-    out[...] = lse.reshape(shape)
-    return out
-
-
-def _backward(kernel: str, grad_output: ArrayLike, output: ArrayLike, axis: Axis) -> np.ndarray:
-    g = d.as_real_array(grad_output, "grad_output")
-    y = d.as_real_array(output, "output")
-    dtype = d.backward_dtype(g, y)
-    axes = d.normalize_axes(axis, g.ndim)
-    g_rows = d.to_rows(g.astype(dtype, copy=False), axes, "grad_output")
-    y_rows = d.to_rows(y.astype(dtype, copy=False), axes, "output")
-    result, target, scratch = d.elementwise_target(g_rows, None)
-    if target.size:
-        d.run(kernel, g_rows.matrix, y_rows.matrix, target)
-    return d.finish_elementwise(g_rows, result, target, scratch, None)
+    if out is None and not keepdims and base.host_device(device) and _spec.plain_rows(x, axis):
+        return base.get("cpu").plain_logsumexp(x)
+    spec = _spec.rowwise(x, axis, out, reduce=True, keepdims=keepdims)
+    return base.resolve(spec, device).logsumexp(spec)
 
 
 def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1, *,
@@ -206,11 +145,8 @@ def log_softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis =
     >>> fastlsm.log_softmax_backward(np.array([1.0, 0.0]), y).tolist()
     [0.5, -0.5]
     """
-    if device is not None or type(grad_output) is not np.ndarray or _devices.default_device:
-        other = _devices.backend(grad_output, device)
-        if other is not None:
-            return other.log_softmax_backward(grad_output, output, axis)
-    return _backward("log_softmax_backward_rows", grad_output, output, axis)
+    spec = _spec.backward(grad_output, output, axis)
+    return base.resolve(spec, device).log_softmax_backward(spec)
 
 
 def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1, *,
@@ -227,8 +163,5 @@ def softmax_backward(grad_output: ArrayLike, output: ArrayLike, axis: Axis = -1,
     >>> fastlsm.softmax_backward(np.array([1.0, 0.0]), y).tolist()
     [0.25, -0.25]
     """
-    if device is not None or type(grad_output) is not np.ndarray or _devices.default_device:
-        other = _devices.backend(grad_output, device)
-        if other is not None:
-            return other.softmax_backward(grad_output, output, axis)
-    return _backward("softmax_backward_rows", grad_output, output, axis)
+    spec = _spec.backward(grad_output, output, axis)
+    return base.resolve(spec, device).softmax_backward(spec)

@@ -15,34 +15,26 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cuda_status() -> str:
-    try:
-        from numba import cuda
-        if cuda.is_available():
-            name = cuda.get_current_device().name
-            return f"yes ({name.decode() if isinstance(name, bytes) else name})"
-        return "no (no CUDA driver or GPU found)"
-    except Exception as exc:  # any import or driver failure means "not usable", with the reason
-        return f"no ({type(exc).__name__}: {exc})"
-
-
 def info() -> dict[str, str]:
     """Versions, threading and cache facts, as ``name -> value``."""
-    import numba
-
-    from fastlsm import _dispatch
-    cache = getattr(_dispatch.kernel("log_softmax_rows").parallel, "_cache", None)
+    from fastlsm.backends import base
     return {
         "fastlsm": _version("fastlsm"),
         "python": platform.python_version(),
         "numpy": _version("numpy"),
         "numba": _version("numba"),
         "llvmlite": _version("llvmlite"),
-        "threads": str(numba.get_num_threads()),
-        "threading layer": _dispatch.threading_layer(),
-        "numba cache": getattr(cache, "_cache_path", "unknown (this Numba hides it)"),
-        "cuda usable": _cuda_status(),
+        **base.get("cpu").info(),
+        **_cuda_info(),
     }
+
+
+def _cuda_info() -> dict[str, str]:
+    from fastlsm.backends import base
+    try:
+        return base.get("cuda").info()
+    except Exception as exc:  # a broken numba-cuda install: CUDA is not usable, and why
+        return {"cuda usable": f"no ({type(exc).__name__}: {exc})"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from fastlsm import _dispatch
+from fastlsm.backends.cpu import runtime
 
 
 @pytest.fixture(autouse=True)
 def no_kernel(monkeypatch):
     """Imported by a module, makes every call there fail if it reaches a kernel: for error tests,
     which must raise before any kernel starts."""
-    def forbidden(name, *args):
-        raise AssertionError(f"kernel {name} ran although the arguments are invalid")
-    monkeypatch.setattr(_dispatch, "run", forbidden)
+    def forbidden(kernel, *args):
+        raise AssertionError(f"kernel {kernel} ran although the arguments are invalid")
+    monkeypatch.setattr(runtime, "run", forbidden)
 
 
 def assert_not_numba(excinfo):

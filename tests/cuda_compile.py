@@ -17,41 +17,57 @@ from numba.np.numpy_support import from_dtype
 
 
 def signatures(dtype) -> dict[str, tuple]:
-    """The argument types each kernel of fastlsm.cuda.kernels is launched with."""
+    """The argument types each kernel of fastlsm.backends.cuda.kernels is launched with, by the
+    kernel's ``module.name``."""
     f = from_dtype(np.dtype(dtype))
     matrix, vector = types.Array(f, 2, "C"), types.Array(f, 1, "C")
     per_row, targets = types.Array(types.float64, 1, "C"), types.Array(types.int64, 1, "C")
     partials = types.Array(types.float64, 3, "C")
     flag, real, index = types.boolean, types.float64, types.int64
     return {
-        "log_softmax_rows": (matrix, matrix, flag),
-        "softmax_rows": (matrix, matrix, flag),
-        "logsumexp_rows": (matrix, vector, flag),
-        "log_softmax_backward_rows": (matrix, matrix, matrix, flag),
-        "softmax_backward_rows": (matrix, matrix, matrix, flag),
-        "cross_entropy_rows": (matrix, targets, vector, real, index, real, real, real, per_row,
-                               vector, matrix, flag),
-        "cross_entropy_probs_rows": (matrix, matrix, vector, real, real, real, per_row, vector,
-                                     matrix, flag),
-        "cross_entropy_probs_segment_stats": (matrix, matrix, vector, real, partials),
-        "cross_entropy_probs_segments": (matrix, matrix, vector, real, real, real, partials,
-                                         per_row, vector, matrix),
-        "nll_loss_rows": (matrix, targets, vector, index, real, per_row, matrix, flag),
-        "segment_stats": (matrix, partials),
-        "log_softmax_segments": (matrix, partials, matrix),
-        "softmax_segments": (matrix, partials, matrix),
-        "logsumexp_segments": (partials, vector),
-        "backward_segment_sums": (matrix, matrix, flag, partials),
-        "log_softmax_backward_segments": (matrix, matrix, partials, matrix),
-        "softmax_backward_segments": (matrix, matrix, partials, matrix),
-        "cross_entropy_segment_stats": (matrix, targets, vector, real, partials),
-        "cross_entropy_segments": (matrix, targets, vector, real, index, real, real, real,
-                                   partials, per_row, vector, matrix),
-        "check_targets": (targets, vector, index, per_row),
-        "sum_rows": (per_row, real, vector),
-        "swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
-        "cast": (vector, per_row),
+        "softmax.log_softmax_rows": (matrix, matrix, flag),
+        "softmax.softmax_rows": (matrix, matrix, flag),
+        "softmax.logsumexp_rows": (matrix, vector, flag),
+        "softmax.segment_stats": (matrix, partials),
+        "softmax.log_softmax_segments": (matrix, partials, matrix),
+        "softmax.softmax_segments": (matrix, partials, matrix),
+        "softmax.logsumexp_segments": (partials, vector),
+        "backward.log_softmax_backward_rows": (matrix, matrix, matrix, flag),
+        "backward.softmax_backward_rows": (matrix, matrix, matrix, flag),
+        "backward.backward_segment_sums": (matrix, matrix, flag, partials),
+        "backward.log_softmax_backward_segments": (matrix, matrix, partials, matrix),
+        "backward.softmax_backward_segments": (matrix, matrix, partials, matrix),
+        "loss.cross_entropy_rows": (matrix, targets, vector, real, index, real, real, real,
+                                    per_row, vector, matrix, flag),
+        "loss.cross_entropy_segment_stats": (matrix, targets, vector, real, partials),
+        "loss.cross_entropy_segments": (matrix, targets, vector, real, index, real, real, real,
+                                        partials, per_row, vector, matrix),
+        "loss.cross_entropy_probs_rows": (matrix, matrix, vector, real, real, real, per_row,
+                                          vector, matrix, flag),
+        "loss.cross_entropy_probs_segment_stats": (matrix, matrix, vector, real, partials),
+        "loss.cross_entropy_probs_segments": (matrix, matrix, vector, real, real, real, partials,
+                                              per_row, vector, matrix),
+        "loss.nll_loss_rows": (matrix, targets, vector, index, real, per_row, matrix, flag),
+        "reduce.check_targets": (targets, vector, index, per_row),
+        "reduce.sum_rows": (per_row, real, vector),
+        "reduce.swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
+        "reduce.cast": (vector, per_row),
     }
+
+
+def kernels() -> dict[str, object]:
+    """Every kernel (not device function) of the kernel modules, by ``module.name``."""
+    import importlib
+
+    from numba.cuda.dispatcher import CUDADispatcher
+    found = {}
+    for module in ("softmax", "backward", "loss", "reduce"):
+        namespace = importlib.import_module(f"fastlsm.backends.cuda.kernels.{module}")
+        for name, value in vars(namespace).items():
+            if (isinstance(value, CUDADispatcher) and value.__module__ == namespace.__name__
+                    and not value.targetoptions.get("device")):
+                found[f"{module}.{name}"] = value
+    return found
 
 
 # Every kernel's local arrays (a thread's cached part of a row, its chunks) must stay in
@@ -63,7 +79,11 @@ def main(ccs: list[str]) -> int:
     from numba import cuda
     from numba.cuda import dispatcher
 
-    from fastlsm.cuda import kernels
+    found = kernels()
+    missing = sorted(set(found) ^ set(signatures(np.float32)))
+    if missing:
+        print(f"FAILED: kernels and signatures differ: {missing}")
+        return 1
     failures = 0
     for text in ccs:
         cc = tuple(int(part) for part in text.split("."))
@@ -72,7 +92,7 @@ def main(ccs: list[str]) -> int:
         dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
         for dtype in (np.float32, np.float64):
             for name, signature in signatures(dtype).items():
-                ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, signature, cc=cc)
+                ptx, _ = cuda.compile_ptx(found[name].py_func, signature, cc=cc)
                 target = f"sm_{cc[0]}{cc[1]}"
                 if f".target {target}" not in ptx:
                     print(f"FAILED {name} {np.dtype(dtype)}: the PTX is not for {target}")

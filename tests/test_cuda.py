@@ -1,4 +1,4 @@
-"""The CUDA path (fastlsm.cuda, fastlsm._cuda, fastlsm._devices): the same answers as the float64
+"""The CUDA backend (fastlsm.backends.cuda): the same answers as the float64
 references of test_softmax and test_loss, with the same tolerances, from the real kernels.
 
 On a machine without a GPU, conftest runs this module under Numba's CUDA simulator (each CUDA
@@ -36,8 +36,11 @@ cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA device and no simulator", allow_module_level=True)
 
-from fastlsm import _cuda  # noqa: E402  (needs numba.cuda)
-from fastlsm.cuda import kernels  # noqa: E402
+from fastlsm.backends.cuda import arrays, launch  # noqa: E402  (needs numba.cuda)
+from fastlsm.backends.cuda import backend as cuda_backend  # noqa: E402
+from fastlsm.backends.cuda import loss as cuda_loss  # noqa: E402
+from fastlsm.backends.cuda.kernels import primitives as kernels  # noqa: E402
+from fastlsm.backends.cuda.kernels import reduce  # noqa: E402
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 # The simulator computes with NumPy scalars, which warn where a row's answer is nan (inf - inf).
@@ -51,14 +54,14 @@ BLOCK_ROWS = (3, kernels.WARP * kernels.VALUES + 77)  # a block per row
 def streamed(monkeypatch):
     """Blocks of 64 threads: a row of more than 64 * VALUES classes is partly streamed; the
     length returned streams each thread two chunks of UNROLL elements and part of a third."""
-    monkeypatch.setattr(_cuda, "MAX_BLOCK", 64)
+    monkeypatch.setattr(launch, "MAX_BLOCK", 64)
     return 64 * (kernels.VALUES + 2 * kernels.UNROLL) + 500
 
 
 @pytest.fixture
 def split_rows(monkeypatch):
     """A GPU of 132 multiprocessors (an H100's), so that up to 66 rows are split into segments."""
-    monkeypatch.setattr(_cuda, "_multiprocessors", lambda: 132)
+    monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
 
 
 def logits(shape, dtype, rng, nonfinite=True):
@@ -112,14 +115,14 @@ def check_softmax_family(x, dtype):
 
 
 def test_split_policy(split_rows, monkeypatch):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 2048)
-    assert _cuda._segments(67, 10**6) == 1        # more than half as many rows as multiprocessors
-    assert _cuda._segments(66, 10**6) == 4        # two blocks a multiprocessor
-    assert _cuda._segments(1, 262144) == 128      # segments of at least MIN_SEGMENT classes
-    held = kernels.VALUES * _cuda.MAX_BLOCK
-    assert _cuda._segments(1, held) == 1          # one block holds the row in registers
-    assert _cuda._segments(1, held + 1) == (held + 1) // 2048
-    assert _cuda._segments(0, 10**6) == 1
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 2048)
+    assert launch.segments(67, 10**6) == 1        # more than half as many rows as multiprocessors
+    assert launch.segments(66, 10**6) == 4        # two blocks a multiprocessor
+    assert launch.segments(1, 262144) == 128      # segments of at least MIN_SEGMENT classes
+    held = kernels.VALUES * launch.MAX_BLOCK
+    assert launch.segments(1, held) == 1          # one block holds the row in registers
+    assert launch.segments(1, held + 1) == (held + 1) // 2048
+    assert launch.segments(0, 10**6) == 1
 
 
 class RegisterBoundKernel:
@@ -146,37 +149,37 @@ class RegisterBoundKernel:
     (255, 128),  # 8 warps fit: two blocks of 4 warps as many as one of 8
 ])
 def test_block_size_rule(registers, threads, monkeypatch):
-    monkeypatch.setattr(_cuda, "_multiprocessors", lambda: 132)
-    assert _cuda._max_threads(RegisterBoundKernel(registers), ()) == threads
+    monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
+    assert launch.max_threads(RegisterBoundKernel(registers), ()) == threads
 
 
 @pytest.fixture
 def warp_blocks(monkeypatch):
     """Blocks of one warp (the simulator runs a block a second or so: split rows make many)."""
-    monkeypatch.setattr(_cuda, "MIN_BLOCK", kernels.WARP)
-    monkeypatch.setattr(_cuda, "MAX_BLOCK", kernels.WARP)
+    monkeypatch.setattr(launch, "MIN_BLOCK", kernels.WARP)
+    monkeypatch.setattr(launch, "MAX_BLOCK", kernels.WARP)
     return kernels.WARP * kernels.VALUES
 
 
 def test_split_rows(split_rows, warp_blocks, monkeypatch, rng):
     # Two segments a row, each 100 classes longer than its block's registers hold.
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", warp_blocks + 100)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", warp_blocks + 100)
     x = logits((5, 2 * (warp_blocks + 100)), F32, rng)  # four non-finite rows, one finite
     x[3, :-3] = -INF  # the first segment is all -inf: it adds nothing to the merge
-    assert _cuda._segments(*x.shape) == 2
+    assert launch.segments(*x.shape) == 2
     check_softmax_family(x, F32)
 
 
 def test_split_rows_into_more_segments_than_threads(split_rows, warp_blocks, monkeypatch, rng):
     # 34 segments of 33 classes: a block's 32 threads fold more than one segment's pair each.
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 32)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 32)
     x = logits((1, 1100), F64, rng, nonfinite=False)
-    assert _cuda._segments(*x.shape) == 34
+    assert launch.segments(*x.shape) == 34
     check_log(fastlsm.log_softmax(x, device="cuda"), ref.log_softmax(x), F64, "log_softmax")
 
 
 def test_split_rows_in_place(split_rows, warp_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
     x = logits((1, 1200), F64, rng, nonfinite=False)
     rows = cuda.to_device(x)
     fastlsm.log_softmax(rows, out=rows)  # each block reads its segment before writing it
@@ -225,8 +228,8 @@ def test_backward(mode, monkeypatch, request, rng):
     if mode == "split":  # two segments a row
         request.getfixturevalue("split_rows")
         request.getfixturevalue("warp_blocks")
-        monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
-        assert _cuda._segments(*shape) == 2
+        monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
+        assert launch.segments(*shape) == 2
     x = logits(shape, F64, rng, nonfinite=False)
     g = rng.standard_normal(shape)
     y = fastlsm.log_softmax(x)
@@ -336,12 +339,12 @@ def test_cross_entropy_probabilities_long_rows(streamed, rng):
 
 
 def test_cross_entropy_split_rows(split_rows, warp_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
     n = 1200  # two segments a row
     x = logits((5, n), F64, rng)  # rows: all -inf, +inf, nan, first segment all -inf, finite
     target = np.array([5, 1, n - 1, 2 * n // 3, 7])  # in both segments
     weight = rng.uniform(0.5, 2.0, n)
-    assert _cuda._segments(*x.shape) == 2
+    assert launch.segments(*x.shape) == 2
     case = make_case("NC", rng)  # only for error_scales' shape-independent fields
     case.x, case.target = x, target
     # ignore_index=1 drops the +inf row; the finite row then checks the merged smoothing sum.
@@ -359,7 +362,7 @@ def test_cross_entropy_split_rows(split_rows, warp_blocks, monkeypatch, rng):
 
 
 def test_cross_entropy_split_rows_mean_and_in_place(split_rows, warp_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
     x = rng.standard_normal((3, 1200))
     target = np.array([0, 599, 600])  # each a segment's first or last class
     options = dict(weight=rng.uniform(0.5, 2.0, 1200), label_smoothing=0.2)
@@ -373,7 +376,7 @@ def test_cross_entropy_split_rows_mean_and_in_place(split_rows, warp_blocks, mon
 
 
 def test_cross_entropy_probabilities_split_rows(split_rows, warp_blocks, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "MIN_SEGMENT", 600)
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
     x = logits((5, 1200), F64, rng)  # rows: all -inf, +inf, nan, first segment all -inf, finite
     y = rng.dirichlet(np.ones(1200), 5)
     options = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2.0, 1200), z_loss=1e-3)
@@ -436,11 +439,11 @@ def test_loss_on_device_arrays_and_in_place_gradient(rng):
 
 
 def test_unit_weights_are_made_once_per_gpu(monkeypatch):
-    first = _cuda._unit_weight(7, np.dtype(F32))
-    assert _cuda._unit_weight(7, np.dtype(F32)) is first
+    first = cuda_loss._unit_weight(7, np.dtype(F32))
+    assert cuda_loss._unit_weight(7, np.dtype(F32)) is first
     another_gpu = types.SimpleNamespace(uuid="GPU-another")
     monkeypatch.setattr(cuda, "get_current_device", lambda: another_gpu)
-    second = _cuda._unit_weight(7, np.dtype(F32))
+    second = cuda_loss._unit_weight(7, np.dtype(F32))
     assert second is not first
     np.testing.assert_array_equal(second.copy_to_host(), np.ones(7, F32))
 
@@ -462,19 +465,19 @@ def test_one_block_reductions_read_several_chunks_a_thread(rng):
     target[rng.choice(n, 50, replace=False)] = -100
     weight = rng.uniform(0.5, 2.0, n_classes)
     checked = cuda.device_array(2)
-    kernels.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
+    reduce.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
                                       checked)
     first_bad, denominator = checked.copy_to_host()
     assert first_bad == n
     np.testing.assert_allclose(denominator, weight[target[target != -100]].sum(), rtol=1e-13)
     # Out of range at 501, 357, 300 and 37 (threads 21, 5, 12 and 5): the first is reported.
     target[[501, 357, 300, 37]] = [n_classes, 12, -1, 99]
-    kernels.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
+    reduce.check_targets[1, threads](cuda.to_device(target), cuda.to_device(weight), -100,
                                       checked)
     assert checked.copy_to_host()[0] == 37
     values = rng.standard_normal(n)
     total = cuda.device_array(1)
-    kernels.sum_rows[1, threads](cuda.to_device(values), 4.0, total)
+    reduce.sum_rows[1, threads](cuda.to_device(values), 4.0, total)
     np.testing.assert_allclose(total.copy_to_host()[0], values.sum() / 4.0, rtol=1e-12)
 
 
@@ -509,8 +512,9 @@ def test_loss_errors_before_any_kernel(rng):
 def test_device_argument_and_default(monkeypatch, rng):
     x = logits(WARP_ROWS, F64, rng, nonfinite=False)
     calls = []
-    real = _cuda.log_softmax
-    monkeypatch.setattr(_cuda, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cuda_backend.BACKEND.log_softmax
+    monkeypatch.setattr(cuda_backend.BACKEND, "log_softmax",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     fastlsm.log_softmax(x)
     assert calls == []  # auto: NumPy data stays on the CPU
     fastlsm.set_default_device("cuda")
@@ -531,20 +535,19 @@ def test_device_argument_and_default(monkeypatch, rng):
 
 def test_no_gpu_is_a_runtime_error(monkeypatch):
     monkeypatch.setattr(cuda, "is_available", lambda: False)
-    _cuda._cuda.cache_clear()
+    arrays.cuda.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
             fastlsm.softmax(np.ones((2, 3)), device="cuda")
     finally:
-        _cuda._cuda.cache_clear()
+        arrays.cuda.cache_clear()
 
 
 def test_import_and_numpy_calls_leave_cuda_alone():
     env = dict(os.environ, FASTLSM_DEVICE="auto")
     code = ("import sys, numpy as np, fastlsm; fastlsm.log_softmax(np.ones((2, 3)));"
             "fastlsm.cross_entropy(np.ones((2, 3)), np.array([0, 1]));"
-            "assert not [m for m in sys.modules if m.startswith(('numba.cuda', 'fastlsm.cuda',"
-            " 'fastlsm._cuda'))], sorted(m for m in sys.modules if 'cuda' in m)")
+            "assert not [m for m in sys.modules if m.startswith(('numba.cuda', 'fastlsm.backends.cuda'))], sorted(m for m in sys.modules if 'cuda' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 

@@ -1,4 +1,4 @@
-"""fastlsm on Dask arrays (fastlsm._dask) against fastlsm's single-machine results on the same
+"""fastlsm on Dask arrays (fastlsm.backends.dask) against fastlsm's single-machine results on the same
 values.
 
 Every result must be a lazy Dask array that computes to what fastlsm returns for the NumPy array:
@@ -19,14 +19,12 @@ infinities in the same places, with the same signs), and finite entries within
 
 Most tests use the synchronous scheduler, ``test_threaded_scheduler`` the threaded one, and
 ``test_distributed_cluster`` a ``dask.distributed.LocalCluster`` of two worker processes, under a
-hard deadline.  The functions are called through fastlsm's public API where it routes Dask arrays
-to fastlsm._dask (see ``_api``).
+hard deadline.  The functions are called through fastlsm's public API.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import subprocess
 import sys
@@ -39,7 +37,7 @@ distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402
 
 import fastlsm  # noqa: E402
-from fastlsm import _dask, _devices  # noqa: E402
+from fastlsm import _spec  # noqa: E402
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 TOL = {F64: 1e-12, F32: 2e-6}
@@ -62,21 +60,15 @@ def synchronous_scheduler():
         yield
 
 
-@functools.cache
-def _routed() -> bool:
-    """Whether fastlsm's public functions hand Dask arrays to fastlsm._dask."""
-    return _devices.is_dask_array(fastlsm.log_softmax(da.zeros((1, 2), chunks=1)))
-
-
 def _api(name: str):
-    """``fastlsm.<name>`` once the public functions route Dask arrays, else ``fastlsm._dask``'s."""
-    return getattr(fastlsm if _routed() else _dask, name)
+    """``fastlsm.<name>``: the public functions route Dask arrays to the Dask backend."""
+    return getattr(fastlsm, name)
 
 
 def compute(result):
     """Check that ``result`` (an array or a tuple of them) is lazy, and compute it."""
     results = result if isinstance(result, tuple) else (result,)
-    assert all(_devices.is_dask_array(r) for r in results), [type(r) for r in results]
+    assert all(_spec.is_dask_array(r) for r in results), [type(r) for r in results]
     values = dask.compute(*results)
     return values if isinstance(result, tuple) else values[0]
 
@@ -471,7 +463,7 @@ def test_distributed_cluster(cluster_client, rng):
 
 
 def test_importing_fastlsm_does_not_import_dask():
-    code = ("import sys, numpy, fastlsm, fastlsm._dask\n"
-            "assert not fastlsm._devices.is_dask_array(numpy.zeros(2))\n"
+    code = ("import sys, numpy, fastlsm, fastlsm.backends.dask\n"
+            "assert not fastlsm._spec.is_dask_array(numpy.zeros(2))\n"
             "assert not any(m.split('.')[0] == 'dask' for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

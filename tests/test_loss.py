@@ -38,8 +38,8 @@ import numpy as np
 import pytest
 
 import fastlsm
-from fastlsm._dispatch import SHORT_ROW_CLASSES
-from fastlsm.cpu.kernels import TILE_ROWS
+from fastlsm.backends.cpu.kernels.stats import TILE_ROWS
+from fastlsm.backends.cpu.runtime import SHORT_ROW_CLASSES
 from checks import assert_nonfinite_match
 import loss_reference as ref
 

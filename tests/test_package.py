@@ -41,13 +41,13 @@ def test_workqueue_layer_serialises_concurrent_calls_instead_of_aborting():
     proc = run_python("""
         from concurrent.futures import ThreadPoolExecutor
         import numpy as np, fastlsm
-        from fastlsm import _dispatch
+        from fastlsm.backends.cpu import runtime
         x = np.random.default_rng(0).standard_normal((512, 1000)).astype(np.float32)
         expected = fastlsm.log_softmax(x)
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda _: fastlsm.log_softmax(x), range(64)))
         assert all(np.array_equal(r, expected) for r in results)
-        print(_dispatch.threading_layer())
+        print(runtime.threading_layer())
     """, NUMBA_THREADING_LAYER="workqueue")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "workqueue"

@@ -1,4 +1,4 @@
-"""The vectorisable ``exp`` and ``max`` of :mod:`fastlsm.cpu._simd` against NumPy.
+"""The vectorisable ``exp`` and ``max`` of :mod:`fastlsm.backends.cpu.kernels._simd` against NumPy.
 
 Errors are in units in the last place (ulp) of the correctly rounded result, taken from a wider
 reference: float64 for float32, the x87 80-bit long double for float64 (where NumPy has one).
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastlsm.cpu._simd import exp, exp_summand, max_ignoring_nan
+from fastlsm.backends.cpu.kernels import loss, softmax
+from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, max_ignoring_nan
 
 
 def elementwise(func):
@@ -106,13 +107,14 @@ def test_max_ignores_nan(dtype, rng):
 
 # Kernels whose loops call exp, one per statistics pass (row_stats with and without storing the
 # exps, tile_stats, the loss's own), each with arguments that compile it.
-EXP_KERNELS = {
-    "log_softmax_rows": lambda x: (x, np.empty_like(x)),
-    "softmax_rows": lambda x: (x, np.empty_like(x)),
-    "log_softmax_short_rows": lambda x: (x, np.empty_like(x)),
-    "cross_entropy_rows": lambda x: (x, np.zeros(len(x), np.int64), np.ones(x.shape[1], x.dtype),
-                                     float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(len(x)),
-                                     np.empty(len(x)), np.empty_like(x)),
+EXP_KERNELS = {  # name: (kernel, its arguments for a matrix x)
+    "log_softmax_rows": (softmax.log_softmax_rows, lambda x: (x, np.empty_like(x))),
+    "softmax_rows": (softmax.softmax_rows, lambda x: (x, np.empty_like(x))),
+    "log_softmax_short_rows": (softmax.log_softmax_short_rows, lambda x: (x, np.empty_like(x))),
+    "cross_entropy_rows": (loss.cross_entropy_rows,
+                           lambda x: (x, np.zeros(len(x), np.int64), np.ones(x.shape[1], x.dtype),
+                                      float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(len(x)),
+                                      np.empty(len(x)), np.empty_like(x))),
 }
 
 
@@ -122,10 +124,10 @@ def test_kernel_loops_vectorise(name, dtype):
     # exp builds 2**n by shifting integers into the exponent bits: a vector `shl` in the
     # optimised IR is exp running across SIMD lanes, a vector `llvm.maxnum` the max loop.
     # (Compiled afresh: Numba cannot show the IR of a kernel loaded from its cache.)
-    from fastlsm import _dispatch
-    kernel = numba.njit(_dispatch.kernel(name).serial.py_func)
+    compiled, arguments = EXP_KERNELS[name]
+    kernel = numba.njit(compiled.serial.py_func)
     x = np.ones((4, 100), dtype)
-    kernel(*EXP_KERNELS[name](x))
+    kernel(*arguments(x))
     ir = kernel.inspect_llvm(kernel.signatures[0])
     int_type, float_type = ("i32", "f32") if dtype == np.float32 else ("i64", "f64")
     lanes = 16 // np.dtype(dtype).itemsize  # SSE's width at least

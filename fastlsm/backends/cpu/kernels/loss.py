@@ -1,18 +1,12 @@
 """Fused cross-entropy and NLL kernels: the loss, log-sum-exp and gradient of each row in one sweep.
 
-Each row is read once for its (max, sum of exps), as in :mod:`fastlsm.cpu.kernels`; the gradient
-pass reads it a second time (from cache for rows up to ~1 MiB) and writes the gradient in place of
-``log_softmax``, which is never materialised.  Per-row losses are float64; the dispatcher reduces
-them.  ``grad`` is a ``(0, 0)`` array when the caller wants no gradient.
-
-Formulas (PyTorch's, with ``p = softmax(x_i)``, ``W = sum(weight)``, ``eps`` the label smoothing,
-``z`` the z-loss coefficient, ``scale`` 1 or the inverse of the ``mean`` denominator):
-
-- class index ``t``: ``loss = (1 - eps) * -w_t * logp_t + eps / C * -sum_c w_c * logp_c + z * lse**2``,
-  ``grad_j = scale * (p_j * ((1 - eps) * w_t + eps / C * W + 2 * z * lse) - eps / C * w_j
-  - (1 - eps) * w_t * [j == t])``;
-- probabilities ``y`` (already smoothed by the caller's ``eps``): ``loss = -sum_c w_c * y_c * logp_c
-  + z * lse**2``, ``grad_j = scale * (p_j * (sum_c w_c * y_c + 2 * z * lse) - w_j * y_j)``.
+Each row is read once for its (max, sum of exps), as in :mod:`.stats`; the gradient pass reads it
+a second time (from cache for rows up to ~1 MiB) and writes the gradient in place of
+``log_softmax``, which is never materialised.  Per-row losses are float64; the backend reduces
+them.  ``grad`` is a ``(0, 0)`` array when the caller wants no gradient.  The formulas (PyTorch's)
+are :mod:`fastlsm.backends.formulas`'.  The class-index kernels take their arguments after the
+targets in the order of :class:`~fastlsm.backends.base.ClassIndexTerms`, the probability-target
+kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`.
 """
 
 import math
@@ -20,10 +14,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.cpu._simd import contiguous_row, exp
-from fastlsm.cpu.kernels import (TILE_ROWS, block_maxima_rows, finite_or_zero,
-                                 rescale_stored_exps, row_log_sum_exp, row_stats, rowwise,
-                                 tile_bounds, tile_stats)
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
+from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows,
+                                                rescale_stored_exps, row_log_sum_exp, row_stats,
+                                                tile_bounds, tile_stats)
+from fastlsm.backends.cpu.runtime import RowKernels, rowwise
+from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
+                                       log_of_sum, probability_gradient, probability_loss,
+                                       smoothed_weight)
 
 
 @njit(cache=True, nogil=True)
@@ -46,7 +44,7 @@ def check_class_indices(target, weight, ignore_index):
 
 
 @njit(fastmath={"reassoc"})
-def _row_weighted_sum(row, weight, shift):
+def row_weighted_sum(row, weight, shift):
     """``sum_c weight[c] * (row[c] - shift)`` in float64."""
     c_shift = row.dtype.type(shift)
     s = 0.0
@@ -56,16 +54,16 @@ def _row_weighted_sum(row, weight, shift):
 
 
 @njit(fastmath={"reassoc"})
-def _row_smoothed_sums(row, y, weight, smoothing, n_classes, shift):
-    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (row_c - shift))``, ``y' = y * (1 - eps) + eps / C``
-    with ``C = n_classes``, the whole row's class count (``row`` may be a block of it)."""
+def row_smoothed_sums(row, y, weight, smoothing, n_classes, shift):
+    """``(sum_c w_c * y'_c, sum_c w_c * y'_c * (row_c - shift))`` with ``y'`` smoothed over
+    ``C = n_classes``, the whole row's class count (``row`` may be a block of it)."""
     keep = row.dtype.type(1.0 - smoothing)
     spread = row.dtype.type(smoothing / n_classes)
     c_shift = row.dtype.type(shift)
     wy_sum = 0.0
     wyx_sum = 0.0
     for j in range(row.shape[0]):
-        wy = weight[j] * (y[j] * keep + spread)
+        wy = smoothed_weight(weight[j], y[j], keep, spread)
         wy_sum += wy
         wyx_sum += wy * (row[j] - c_shift)
     return wy_sum, wyx_sum
@@ -80,13 +78,25 @@ def _nan_row(loss, grad, i):
 
 
 @njit(inline="always")
-def _write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
+def write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
     """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``."""
     c_shift = row.dtype.type(shift)
     a = row.dtype.type(p_coef / s)
     b = row.dtype.type(w_coef)
     for j in range(row.shape[0]):
         dst[j] = exp(row[j] - c_shift) * a - weight[j] * b
+
+
+@njit(inline="always")
+def write_probability_grad(row, y, dst, shift, s, p_coef, weight, smoothing, n_classes, scale):
+    """``dst[j] = p_j * p_coef - scale * w_j * y'_j`` with ``p = exp(row - shift) / s``."""
+    keep = row.dtype.type(1.0 - smoothing)
+    spread = row.dtype.type(smoothing / n_classes)
+    c_shift = row.dtype.type(shift)
+    a = row.dtype.type(p_coef / s)
+    b = row.dtype.type(scale)
+    for j in range(row.shape[0]):
+        dst[j] = exp(row[j] - c_shift) * a - smoothed_weight(weight[j], y[j], keep, spread) * b
 
 
 @njit(inline="always")
@@ -100,7 +110,7 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, 
     """
     n_classes = row.shape[0]
     want_grad = grad.shape[0] > 0
-    log_s = math.log(s)
+    log_s = log_of_sum(s)
     row_lse = finite_or_zero(m) + log_s
     lse[i] = row_lse
     if t == ignore_index:
@@ -112,23 +122,18 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, 
         _nan_row(loss, grad, i)
         return
     w_t = weight[t]
-    nll = -w_t * ((x_t - row.dtype.type(m)) - log_s)
-    row_loss = (1.0 - smoothing) * nll
-    if smoothing > 0.0:
-        smooth = total_weight * log_s - _row_weighted_sum(row, weight, m)
-        row_loss += smoothing / n_classes * smooth
-    if z_loss > 0.0:
-        row_loss += z_loss * row_lse * row_lse
-    loss[i] = row_loss
+    weighted = row_weighted_sum(row, weight, m) if smoothing > 0.0 else 0.0
+    loss[i] = class_index_loss(x_t, row.dtype.type(m), log_s, w_t, smoothing, n_classes,
+                               total_weight, weighted, z_loss, row_lse)
     if want_grad:
         dst = contiguous_row(grad, i)
-        p_coef = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
-                          + 2.0 * z_loss * row_lse)
+        p_coef, w_coef, t_coef = class_index_gradient(w_t, smoothing, n_classes, total_weight,
+                                                      z_loss, row_lse, scale)
         if exps_stored:
             rescale_stored_exps(dst, stored_maxima, m, p_coef / s)
         else:
-            _write_softmax_grad(row, dst, m, s, p_coef, weight, scale * smoothing / n_classes)
-        dst[t] -= row.dtype.type(scale * (1.0 - smoothing) * w_t)
+            write_softmax_grad(row, dst, m, s, p_coef, weight, w_coef)
+        dst[t] -= row.dtype.type(t_coef)
 
 
 @njit(inline="always")
@@ -180,18 +185,12 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
         if not math.isfinite(m):
             _nan_row(loss, grad, i)
             continue
-        wy_sum, wyx_sum = _row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
-        loss[i] = wy_sum * log_s - wyx_sum + z_loss * row_lse * row_lse
+        wy_sum, wyx_sum = row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
+        loss[i] = probability_loss(wy_sum, wyx_sum, log_s, z_loss, row_lse)
         if want_grad:
-            dst = contiguous_row(grad, i)
-            p_coef = scale * (wy_sum + 2.0 * z_loss * row_lse)
-            keep = row.dtype.type(1.0 - smoothing)
-            spread = row.dtype.type(smoothing / row.shape[0])
-            c_shift = row.dtype.type(m)
-            a = row.dtype.type(p_coef / s)
-            for j in range(row.shape[0]):
-                wy = weight[j] * (probs[j] * keep + spread)
-                dst[j] = exp(row[j] - c_shift) * a - wy * row.dtype.type(scale)
+            write_probability_grad(row, probs, contiguous_row(grad, i), m, s,
+                                   probability_gradient(wy_sum, z_loss, row_lse, scale), weight,
+                                   smoothing, row.shape[0], scale)
 
 
 @rowwise
@@ -207,3 +206,8 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad):
             dst[:] = 0.0
             if not ignored:
                 dst[t] = dst.dtype.type(-scale * weight[t])
+
+
+CROSS_ENTROPY = RowKernels(rows=cross_entropy_rows, short_rows=cross_entropy_short_rows)
+CROSS_ENTROPY_PROBABILITIES = RowKernels(rows=cross_entropy_probs_rows)
+NLL_LOSS = RowKernels(rows=nll_loss_rows)

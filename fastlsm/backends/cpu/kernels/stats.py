@@ -1,64 +1,34 @@
-"""Row-wise log_softmax / softmax / logsumexp kernels and their backward passes.
-
-Every ``*_rows`` kernel takes 2-D arrays whose last axis is the class axis, with contiguous rows
-(unit column stride: the dispatcher guarantees it), and loops over rows with ``prange``;
-:func:`rowwise` compiles each kernel twice, as a parallel and as a serial kernel, so the
-dispatcher can skip thread start-up on small inputs.
+"""The statistics pass of every CPU kernel: a row's max and sum of exps, read once.
 
 A row is read from memory once for its statistics: it is walked in blocks that fit in L1, each
 block's max is found first and the block's ``exp`` sum is then taken from cache, and the running
-sum is rescaled when the max grows (the online (max, sum) merge).  The write pass reads the row a
-second time, from L2 for rows up to ~1 MiB.
+sum is rescaled when the max grows (the (max, sum) merge, :func:`~fastlsm.backends.formulas.rescaled`).
+The kernels' write passes read the row a second time, from L2 for rows up to ~1 MiB.
 
-Rows of a few classes have a ``*_short_rows`` twin: a loop over one short row is mostly vector
-tails and horizontal reductions, so those kernels take rows a tile at a time and find the tile's
-statistics with the rows across SIMD lanes (:func:`tile_stats`).  The ``*_columns`` kernels do
-the same in place for arrays whose class axis is strided and whose rows are side by side in
-memory (:func:`column_stats`).
+Rows of a few classes are handled a tile at a time: a loop over one short row is mostly vector
+tails and horizontal reductions, so :func:`tile_stats` finds a tile's statistics with the rows
+across SIMD lanes.  :func:`column_stats` does the same in place for arrays whose class axis is
+strided and whose rows are side by side in memory.
+
+Helpers take one row as a C-ordered 1-D array (see ``contiguous_row``), so their loops vectorise
+whatever the matrix's row stride.  Loops that do not start at 0 count in uint64: Numba then
+drops the negative-index wraparound select, which otherwise splits every vector load.
 """
 
 import math
-from types import FunctionType
-from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.extending import overload
 
-from fastlsm.cpu._simd import contiguous_row, exp, exp_summand, max_ignoring_nan
+from fastlsm.backends.cpu.kernels._simd import (contiguous_row, exp, exp_summand,
+                                                max_ignoring_nan)
+from fastlsm.backends.formulas import finite_or_zero, log_of_sum, rescaled
 
 # Elements per block of the statistics pass: small enough to stay in L1 between its max and its
 # sum of exps, large enough that the per-block rescale costs nothing.
 BLOCK = 2048
 
-
-class RowKernel(NamedTuple):
-    parallel: object
-    serial: object
-
-
-def rowwise(py_func):
-    """Compile ``py_func`` (a loop over ``prange``) as a parallel and as a serial kernel."""
-    # Numba's cache keys on the function's qualified name and bytecode, not on ``parallel``:
-    # the serial twin gets a name of its own so the two never share a cache entry.
-    serial_func = FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial")
-    serial_func.__qualname__ = py_func.__qualname__ + "_serial"
-    return RowKernel(
-        parallel=njit(parallel=True, cache=True, nogil=True)(py_func),
-        serial=njit(cache=True, nogil=True)(serial_func),
-    )
-
-
-@njit(inline="always")
-def finite_or_zero(m):
-    # SciPy shifts by the max only where it is finite: a +inf or all -inf row is shifted by 0,
-    # which gives its documented nan / -inf answers instead of inf - inf everywhere.
-    return m if math.isfinite(m) else 0.0
-
-
-# Helpers take one row as a C-ordered 1-D array (see ``contiguous_row``), so their loops vectorise
-# whatever the matrix's row stride.  Loops that do not start at 0 count in uint64: Numba then
-# drops the negative-index wraparound select, which otherwise splits every vector load.
 
 @njit(inline="always")
 def _block_max(row, start, stop):
@@ -124,9 +94,7 @@ def row_stats(row, exps, block_maxima):
         stop = min(start + BLOCK, n)
         block_m = _block_max(row, start, stop)
         if block_m > m:
-            # s == 0 guards the -inf -> finite step, where exp(0 - m) can overflow and 0 * inf is nan.
-            if s != 0.0:
-                s *= math.exp(finite_or_zero(m) - finite_or_zero(block_m))
+            s = rescaled(s, finite_or_zero(m), finite_or_zero(block_m))
             m = block_m
         if store:
             block_maxima[block] = m
@@ -232,7 +200,7 @@ def tile_stats(x, first, last):
 def row_log_sum_exp(row):
     """``(m, s, log(s), lse)``: :func:`row_max_and_sum` and the row's log-sum-exp."""
     m, s = row_max_and_sum(row)
-    log_s = math.log(s)
+    log_s = log_of_sum(s)
     return m, s, log_s, finite_or_zero(m) + log_s
 
 
@@ -250,98 +218,6 @@ def row_dot(a, b):
     for j in range(a.shape[0]):
         s += a[j] * b[j]
     return s
-
-
-@njit(inline="always")
-def write_log_softmax(row, dst, m, s):
-    c = row.dtype.type(finite_or_zero(m))
-    log_s = row.dtype.type(math.log(s))
-    for j in range(row.shape[0]):
-        dst[j] = (row[j] - c) - log_s
-
-
-@rowwise
-def log_softmax_rows(x, out):
-    for i in prange(x.shape[0]):
-        row = contiguous_row(x, i)
-        m, s = row_max_and_sum(row)
-        write_log_softmax(row, contiguous_row(out, i), m, s)
-
-
-@rowwise
-def log_softmax_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
-        for i in range(first, last):
-            write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
-                              maxima[i - first], sums[i - first])
-
-
-@rowwise
-def softmax_rows(x, out):
-    # The stats pass stores the exps in `out`, and the second pass only rescales them.
-    block_maxima = block_maxima_rows(x)
-    for i in prange(x.shape[0]):
-        row, dst = contiguous_row(x, i), contiguous_row(out, i)
-        maxima = contiguous_row(block_maxima, i)
-        m, s = row_stats(row, dst, maxima)
-        if not math.isfinite(m):
-            # SciPy's softmax shifts by the max even when it is not finite: such rows are nan.
-            dst[:] = np.nan
-            continue
-        rescale_stored_exps(dst, maxima, m, 1.0 / s)
-
-
-@rowwise
-def softmax_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
-        for i in range(first, last):
-            row, dst = contiguous_row(x, i), contiguous_row(out, i)
-            m = maxima[i - first]
-            if not math.isfinite(m):
-                dst[:] = np.nan
-                continue
-            scale = row.dtype.type(1.0 / sums[i - first])
-            for j in range(row.shape[0]):
-                dst[j] = exp(row[j] - m) * scale
-
-
-@rowwise
-def logsumexp_rows(x, out):
-    for i in prange(x.shape[0]):
-        out[i] = row_log_sum_exp(contiguous_row(x, i))[3]
-
-
-@rowwise
-def logsumexp_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
-        for r in range(last - first):
-            out[first + r] = finite_or_zero(float(maxima[r])) + math.log(sums[r])
-
-
-@rowwise
-def log_softmax_backward_rows(grad_output, output, grad_input):
-    for i in prange(grad_output.shape[0]):
-        g, y = contiguous_row(grad_output, i), contiguous_row(output, i)
-        dst = contiguous_row(grad_input, i)
-        total = g.dtype.type(row_sum(g))
-        for j in range(g.shape[0]):
-            dst[j] = g[j] - exp(y[j]) * total
-
-
-@rowwise
-def softmax_backward_rows(grad_output, output, grad_input):
-    for i in prange(grad_output.shape[0]):
-        g, y = contiguous_row(grad_output, i), contiguous_row(output, i)
-        dst = contiguous_row(grad_input, i)
-        dot = g.dtype.type(row_dot(g, y))
-        for j in range(g.shape[0]):
-            dst[j] = y[j] * (g[j] - dot)
 
 
 # --- classes along a strided axis ------------------------------------------------------------
@@ -378,10 +254,10 @@ def column_stats(slab, first, last):
                 maxima[w] = max_ignoring_nan(maxima[w], column[w])
         for w in range(width):
             shift = finite_or_zero(maxima[w])
-            # In float64: a column's sum may be rescaled once per block.  s == 0 guards the
-            # -inf -> finite step, where exp(0 - shift) can overflow and 0 * inf is nan.
-            rescaled = sums[w] * exp(float(shifts[w]) - float(shift))
-            sums[w] = rescaled if sums[w] != 0.0 else 0.0
+            # formulas.rescaled, in float64 (a column's sum may be rescaled once per block),
+            # with the vectorised exp: math.exp would run this loop one column at a time.
+            brought = sums[w] * exp(float(shifts[w]) - float(shift))
+            sums[w] = brought if sums[w] != 0.0 else 0.0
             shifts[w] = shift
         for group in range(start, stop, SUM_COLUMNS):
             partial[:] = 0.0
@@ -402,61 +278,3 @@ def strip_bounds(x, task):
     first = (task % strips) * COLUMN_TILE
     return b, first, min(first + COLUMN_TILE, x.shape[2])
 
-
-@rowwise
-def log_softmax_columns(x, out):
-    for task in prange(x.shape[0] * column_strips(x)):
-        b, first, last = strip_bounds(x, task)
-        slab, dst = x[b], out[b]
-        maxima, shifts, sums = column_stats(slab, first, last)
-        log_sums = np.log(sums).astype(x.dtype)
-        for c in range(slab.shape[0]):
-            column = contiguous_row(slab, c)[first:last]
-            dst_column = contiguous_row(dst, c)[first:last]
-            for w in range(last - first):
-                dst_column[w] = (column[w] - shifts[w]) - log_sums[w]
-
-
-@rowwise
-def softmax_columns(x, out):
-    for task in prange(x.shape[0] * column_strips(x)):
-        b, first, last = strip_bounds(x, task)
-        slab, dst = x[b], out[b]
-        maxima, shifts, sums = column_stats(slab, first, last)
-        # A column whose max is not finite is all nan (SciPy), as in softmax_rows.
-        scales = np.where(np.isfinite(maxima), 1.0 / sums, np.nan).astype(x.dtype)
-        for c in range(slab.shape[0]):
-            column = contiguous_row(slab, c)[first:last]
-            dst_column = contiguous_row(dst, c)[first:last]
-            for w in range(last - first):
-                dst_column[w] = exp(column[w] - shifts[w]) * scales[w]
-
-
-@rowwise
-def logsumexp_columns(x, out):
-    """``out[b, w]``: the log-sum-exp of ``x[b, :, w]``."""
-    for task in prange(x.shape[0] * column_strips(x)):
-        b, first, last = strip_bounds(x, task)
-        maxima, shifts, sums = column_stats(x[b], first, last)
-        for w in range(last - first):
-            out[b, first + w] = float(shifts[w]) + math.log(sums[w])
-
-
-# Square tiles of a 2-D copy: both the source's rows and the destination's stay in cache while a
-# tile is transposed, whatever the two layouts.
-COPY_TILE = 64
-
-
-@rowwise
-def copy_tiles(src, dst):
-    """``dst[...] = src`` for ``(batch, rows, columns)`` arrays of any layouts."""
-    batches, rows, columns = src.shape
-    row_tiles = (rows + COPY_TILE - 1) // COPY_TILE
-    for task in prange(batches * row_tiles):
-        b = task // row_tiles
-        first = (task % row_tiles) * COPY_TILE
-        last = min(rows, first + COPY_TILE)
-        for column in range(0, columns, COPY_TILE):
-            for i in range(first, last):
-                for j in range(column, min(columns, column + COPY_TILE)):
-                    dst[b, i, j] = src[b, i, j]

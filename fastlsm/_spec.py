@@ -1,0 +1,428 @@
+"""The one validation layer: every check of fastlsm's arguments and every user-facing error
+message, written once for every backend.
+
+A public function hands its arguments to a builder here (:func:`rowwise`, :func:`backward`,
+:func:`loss`), which checks them and returns a backend-neutral *spec*: shapes, dtypes, axes,
+options and what to return, with each array argument described as an :class:`Argument` (its
+data, shape, dtype and where it lives).  Only then is a backend chosen
+(:mod:`fastlsm.backends.base`); backends read specs and never check arguments again, except for
+what only the data can tell (a class index out of range: :func:`target_out_of_bounds` is its
+message) and what a backend cannot do (its ``supports``).
+
+Nothing here imports Numba, CUDA or Dask: a device or Dask array is recognised by its type, and
+described by its ``shape`` and ``dtype`` attributes, without touching its data.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+NATIVE_FLOATS = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
+_FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
+REDUCTIONS = ("none", "mean", "sum")
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
+# --- where an array lives ----------------------------------------------------------------------
+
+HOST, CUDA, DASK = "host", "cuda", "dask"
+
+
+def is_cuda_array(x) -> bool:
+    """``x`` lives on an NVIDIA GPU (checked without importing or initialising CUDA)."""
+    if type(x).__module__.startswith("torch"):
+        return bool(getattr(x, "is_cuda", False))  # its interface raises for tensors with grad
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    # The CUDA simulator's device arrays carry no interface; they exist only once it is loaded.
+    simulator = sys.modules.get("numba.cuda.simulator.cudadrv.devicearray")
+    return simulator is not None and isinstance(x, simulator.FakeCUDAArray)
+
+
+def is_dask_array(x) -> bool:
+    """``x`` is a ``dask.array.Array`` (checked without importing Dask: an array can only be one
+    once ``dask.array`` is imported)."""
+    dask_array = sys.modules.get("dask.array")
+    return (dask_array is not None and type(x).__module__.startswith("dask")
+            and isinstance(x, dask_array.Array))
+
+
+def placement(x) -> str:
+    """Where ``x``'s data lives: :data:`DASK`, :data:`CUDA` or :data:`HOST` (anything else)."""
+    if type(x) is np.ndarray:
+        return HOST
+    if is_dask_array(x):
+        return DASK
+    return CUDA if is_cuda_array(x) else HOST
+
+
+# --- dtypes ------------------------------------------------------------------------------------
+
+def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """SciPy's rule: floats keep their dtype, integers and bool become float64."""
+    if dtype in NATIVE_FLOATS:
+        return dtype
+    if dtype.kind in "biu":
+        return np.dtype(np.float64)
+    if dtype.kind == "f":
+        if dtype.itemsize > 8:
+            raise TypeError(f"{name} has dtype {dtype}, which fastlsm does not support; "
+                            "cast it to float64 first")
+        return dtype.newbyteorder("=")
+    raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float16 is computed in float32; every other result dtype is computed as itself."""
+    return _FLOAT_COMPUTE.get(dtype, dtype)
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    """A device array's dtype as NumPy names it (PyTorch's ``torch.float32`` is ``float32``)."""
+    if isinstance(dtype, np.dtype):
+        return dtype
+    try:
+        return np.dtype(str(dtype).removeprefix("torch."))
+    except TypeError:
+        raise TypeError(f"fastlsm does not support arrays of dtype {dtype}") from None
+
+
+def as_real_array(x, name: str) -> np.ndarray:
+    """``x`` as a NumPy array of a real dtype (no copy for an ndarray)."""
+    if isinstance(x, np.ndarray):
+        array = x
+    else:
+        try:
+            array = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    result_dtype(array.dtype, name)
+    return array
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Argument:
+    """An array argument, described: its data, shape, dtype and where the data lives.
+
+    ``data`` is a NumPy array for host data (array-likes are converted), else the caller's
+    own device or Dask array, untouched.
+    """
+    data: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    placement: str
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def describe(x, name: str, within: str, *, real: bool = True) -> Argument:
+    """``x`` as an :class:`Argument` of a call whose first array lives ``within`` a placement.
+
+    Beside host data everything is host data (converted with NumPy); beside device or Dask data,
+    arrays of that kind are used as they are and the others converted with NumPy (the backend
+    moves them).  ``real`` requires a real numeric dtype (:func:`result_dtype`'s errors).
+    """
+    where = HOST if within == HOST else placement(x)
+    if where != within:
+        where = HOST
+    if where == HOST:
+        array = as_real_array(x, name) if real else np.asarray(x)
+        return Argument(array, array.shape, array.dtype, HOST)
+    dtype = _numpy_dtype(x.dtype)
+    if real:
+        result_dtype(dtype, name)
+    return Argument(x, tuple(int(n) for n in x.shape), dtype, where)
+
+
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype, within: str,
+              name: str = "out") -> None:
+    """``out`` can take a result of ``shape`` and ``dtype`` for a call on data ``within``."""
+    if within == DASK:
+        raise TypeError(f"{name}= is not supported for Dask arrays: the result is a lazy Dask "
+                        "array, computed when asked; leave it out and store or compute the result")
+    if within == HOST:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+        out_shape, out_dtype = out.shape, out.dtype
+    else:
+        if not is_cuda_array(out):
+            raise TypeError(f"{name} must be a device array for device input, got "
+                            f"{type(out).__name__}")
+        out_shape, out_dtype = tuple(int(n) for n in out.shape), _numpy_dtype(out.dtype)
+    if out_shape != shape:
+        raise ValueError(f"{name} has shape {out_shape}, expected {shape}")
+    if out_dtype != dtype:
+        raise ValueError(f"{name} has dtype {out_dtype}, expected {dtype}")
+    if within == HOST and not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+def not_c_contiguous(name: str) -> ValueError:
+    """A device array a backend must read or write in place is not C-ordered."""
+    return ValueError(f"{name} is a device array that is not C-contiguous; fastlsm reads device "
+                      "arrays in place and needs C order (make a contiguous copy first)")
+
+
+# --- axes --------------------------------------------------------------------------------------
+
+def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Sorted, non-negative axes; ``None`` means every axis.  A 0-d array has one implicit axis."""
+    n = max(ndim, 1)
+    if axis is None:
+        return tuple(range(n))
+    if type(axis) is int and -n <= axis < n:
+        return (axis % n,)
+    items = axis if isinstance(axis, tuple) else (axis,)
+    axes = []
+    for item in items:
+        try:
+            index = operator.index(item)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, a tuple of ints or None, got {axis!r}") from None
+        if not -n <= index < n:
+            raise np.exceptions.AxisError(index, n)
+        axes.append(index % n)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"repeated axis in {name}={axis!r}")
+    return tuple(sorted(axes))
+
+
+def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool):
+    """The shape of a reduction of ``shape`` over ``axes``."""
+    if keepdims:
+        return tuple(1 if i in axes else n for i, n in enumerate(shape))
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+# --- the common call -----------------------------------------------------------------------------
+
+def plain_rows(x, axis) -> bool:
+    """The common call: a non-empty C-ordered float32/float64 array, rows along the last axis.
+
+    Callers hand such an ``x`` straight to the CPU's kernels, skipping the general argument
+    handling, which costs 3-6 us a call here: more than the whole fast call (~2-3 us) on a
+    (1, 10) array.
+    """
+    return (type(x) is np.ndarray and x.dtype in NATIVE_FLOATS and x.ndim > 0 and x.size > 0
+            and type(axis) is int and (axis == -1 or axis == x.ndim - 1) and x.flags.c_contiguous)
+
+
+def plain_out(x: np.ndarray, out) -> bool:
+    """For a :func:`plain_rows` ``x``: ``out`` is None, ``x`` itself, or a C-ordered writeable
+    array of ``x``'s shape and dtype apart from it, so the kernel can write it directly."""
+    return out is None or (
+        type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape
+        and out.flags.c_contiguous and out.flags.writeable
+        and (out is x or not np.may_share_memory(out, x)))
+
+
+def plain_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, axis,
+                        grad_out, z_loss, return_lse) -> bool:
+    """The common loss call: :func:`plain_rows` ``(N, C)`` logits, C-ordered ``(N,)`` int64
+    targets, no weights, no ``grad_out``, no smoothing, z-loss or log-sum-exps, valid options."""
+    return (weight is None and grad_out is None and not return_lse and type(axis) is int
+            and axis in (1, -1) and plain_rows(input, -1) and input.ndim == 2
+            and type(target) is np.ndarray and target.dtype == np.int64
+            and target.shape == input.shape[:1] and target.flags.c_contiguous
+            and type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX
+            and reduction in REDUCTIONS and type(label_smoothing) in (int, float)
+            and label_smoothing == 0 and type(z_loss) in (int, float) and z_loss == 0)
+
+
+# --- log_softmax, softmax, logsumexp -----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Rowwise:
+    """log_softmax or softmax (``shape`` is the input's) or logsumexp (the reduced shape) of
+    ``x`` along ``axes``."""
+    x: Argument
+    axes: tuple[int, ...]
+    result_dtype: np.dtype
+    compute_dtype: np.dtype
+    shape: tuple[int, ...]   # the result's
+    out: Any                 # None, or an array checked to take the result
+    keepdims: bool = False
+
+
+def rowwise(x, axis, out, *, reduce: bool = False, keepdims: bool = False) -> Rowwise:
+    """The spec of ``log_softmax``/``softmax`` (``reduce=False``) or ``logsumexp``."""
+    arg = describe(x, "x", placement(x))
+    axes = normalize_axes(axis, arg.ndim)
+    dtype = result_dtype(arg.dtype, "x")
+    shape = reduced_shape(arg.shape, axes, keepdims) if reduce else arg.shape
+    if out is not None:
+        check_out(out, shape, dtype, arg.placement)
+    return Rowwise(arg, axes, dtype, compute_dtype(dtype), shape, out, keepdims)
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """A backward pass: ``grad_output`` and ``output`` of one shape, computed in ``dtype``."""
+    grad_output: Argument
+    output: Argument
+    axes: tuple[int, ...]
+    result_dtype: np.dtype
+    compute_dtype: np.dtype
+
+
+def backward(grad_output, output, axis) -> Backward:
+    """The spec of ``log_softmax_backward``/``softmax_backward``."""
+    within = placement(grad_output)
+    g = describe(grad_output, "grad_output", within)
+    y = describe(output, "output", within)
+    if g.shape != y.shape:
+        raise ValueError(f"grad_output has shape {g.shape} but output has shape {y.shape}; "
+                         "they must match")
+    dtype = np.result_type(result_dtype(g.dtype, "grad_output"), result_dtype(y.dtype, "output"))
+    return Backward(g, y, normalize_axes(axis, g.ndim), dtype, compute_dtype(dtype))
+
+
+# --- cross_entropy and nll_loss ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """``cross_entropy`` or ``nll_loss``: logits (or log-probabilities) with classes on
+    ``class_axis``, class-index or probability targets, and what to return."""
+    input: Argument
+    class_axis: int
+    target: Argument
+    probabilities: bool      # the target holds class probabilities (it has the input's shape)
+    weight: Argument | None  # (classes,)
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    want_grad: bool
+    grad_out: Any            # None, or an array checked to take the gradient
+    return_lse: bool
+    result_dtype: np.dtype
+    compute_dtype: np.dtype
+
+    @property
+    def n_classes(self) -> int:
+        return self.input.shape[self.class_axis]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The input's shape without the class axis: one loss per element."""
+        shape = self.input.shape
+        return shape[:self.class_axis] + shape[self.class_axis + 1:]
+
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.row_shape)
+
+
+def _options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[int, float, float]:
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (as in PyTorch), got {ignore_index}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    z_loss = float(z_loss)
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
+    return ignore_index, label_smoothing, z_loss
+
+
+def _class_axis(shape: tuple[int, ...], axis) -> int:
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError("input must have at least 1 dimension (the classes), got a 0-d array")
+    if ndim == 1 and axis == 1:
+        return 0  # PyTorch: a 1-D input is a single row of classes
+    if type(axis) is int and 0 <= axis < ndim:
+        return axis
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    return normalize_axes(index, ndim)[0]
+
+
+def _check_target_shape(input_shape: tuple[int, ...], class_axis: int,
+                        target_shape: tuple[int, ...]) -> None:
+    expected = input_shape[:class_axis] + input_shape[class_axis + 1:]
+    if target_shape == expected:
+        return
+    if len(input_shape) == 1:
+        raise ValueError(f"a 1-D input (one row of classes) needs a 0-d target, got shape "
+                         f"{target_shape}")
+    batch = 1 if class_axis == 0 else 0
+    if target_shape and target_shape[0] != input_shape[batch]:
+        raise ValueError(f"Expected input batch_size ({input_shape[batch]}) to match target "
+                         f"batch_size ({target_shape[0]}).")
+    raise ValueError(f"target has shape {target_shape}, but input of shape {input_shape} with "
+                     f"classes on axis {class_axis} needs a target of shape {expected}")
+
+
+def _check_class_index_dtype(dtype: np.dtype) -> None:
+    if dtype.kind not in "iu":
+        hint = (" (a float target of the input's shape holds class probabilities)"
+                if dtype.kind == "f" else "")
+        raise TypeError(f"target must hold integer class indices, got dtype {dtype}{hint}")
+
+
+def _check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
+    """PyTorch's two refusals for a target of class probabilities (the input's shape)."""
+    if dtype.kind != "f":
+        raise TypeError("Expected floating point type for target with class probabilities, "
+                        f"got {dtype}")
+    if ignore_index >= 0:
+        raise ValueError("ignore_index is not supported for floating point target")
+
+
+def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
+         want_grad, grad_out, return_lse, *, probabilities_allowed: bool = True) -> Loss:
+    """The spec of ``cross_entropy`` (or, with ``probabilities_allowed=False``, no smoothing and
+    no z-loss, ``nll_loss``)."""
+    ignore_index, label_smoothing, z_loss = _options(ignore_index, reduction, label_smoothing,
+                                                     z_loss)
+    within = placement(input)
+    logits = describe(input, "input", within)
+    class_axis = _class_axis(logits.shape, axis)
+    dtype = result_dtype(logits.dtype, "input")
+    want_grad = bool(want_grad) or grad_out is not None
+    if grad_out is not None:
+        check_out(grad_out, logits.shape, dtype, within, "grad_out")
+    n_classes = logits.shape[class_axis]
+    w = None
+    if weight is not None:
+        w = describe(weight, "weight", within)
+        if w.shape != (n_classes,):
+            raise ValueError(f"weight should be a 1-D array of {n_classes} elements (one per "
+                             f"class), got shape {w.shape}")
+    t = describe(target, "target", within, real=False)
+    probabilities = probabilities_allowed and t.shape == logits.shape
+    if probabilities:
+        _check_probability_target(t.dtype, ignore_index)
+    else:
+        _check_target_shape(logits.shape, class_axis, t.shape)
+        _check_class_index_dtype(t.dtype)
+    return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
+                label_smoothing, z_loss, want_grad, grad_out, bool(return_lse), dtype,
+                compute_dtype(dtype))
+
+
+def target_out_of_bounds(value: int, position: tuple[int, ...], n_classes: int) -> IndexError:
+    """A class-index target outside ``[0, C)`` that is not ``ignore_index``, at ``position``
+    (its index in the target array)."""
+    where = [int(k) for k in position]
+    return IndexError(f"Target {int(value)} is out of bounds. (target{where} with {n_classes} "
+                      "classes)")

@@ -1,0 +1,169 @@
+"""The backend protocol, the registry of backends, and which backend runs a call.
+
+A backend serves every public operation from its spec (:mod:`fastlsm._spec`): one method per
+operation in :class:`Backend`.  It says what it cannot do in :meth:`Backend.supports`, which
+returns the error to raise (a gap is an explicit, clear error, raised before any kernel runs)
+or None.
+
+Which backend: the ``device=`` keyword, else :func:`set_default_device` (which starts from the
+``FASTLSM_DEVICE`` environment variable), else the data.  ``None``/``"auto"`` follows where the
+first array argument lives (:func:`fastlsm._spec.placement`): the CUDA backend for an array on an
+NVIDIA GPU (anything exposing ``__cuda_array_interface__``: CuPy arrays, Numba device arrays,
+PyTorch CUDA tensors), the Dask backend for a ``dask.array.Array``, the CPU for everything else.
+The other arguments follow the first one to its device (the CUDA backend copies host targets and
+weights over).  A backend's module is imported when it is first chosen, so importing fastlsm, or
+calling it on NumPy data, never imports Numba's CUDA support or Dask.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from fastlsm import _spec
+
+
+class Backend(Protocol):
+    """What a backend provides: each public operation, from its spec."""
+
+    name: str
+
+    def supports(self, spec: Any) -> Exception | None:
+        """The error to raise where this backend cannot serve ``spec``; None where it can."""
+
+    def log_softmax(self, spec: _spec.Rowwise) -> Any: ...
+    def softmax(self, spec: _spec.Rowwise) -> Any: ...
+    def logsumexp(self, spec: _spec.Rowwise) -> Any: ...
+    def log_softmax_backward(self, spec: _spec.Backward) -> Any: ...
+    def softmax_backward(self, spec: _spec.Backward) -> Any: ...
+    def cross_entropy(self, spec: _spec.Loss) -> Any: ...
+    def nll_loss(self, spec: _spec.Loss) -> Any: ...
+
+    def info(self) -> dict[str, str]:
+        """Facts for ``fastlsm info`` (versions, threads, where kernels are cached)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A backend: the module whose ``BACKEND`` it is, the data it owns (a
+    :func:`fastlsm._spec.placement`), and the ``device=`` name that asks for it (None: chosen
+    by its data alone)."""
+    module: str
+    placement: str
+    device: str | None
+
+
+REGISTRY: dict[str, Registration] = {
+    "cpu": Registration("fastlsm.backends.cpu", _spec.HOST, "cpu"),
+    "cuda": Registration("fastlsm.backends.cuda", _spec.CUDA, "cuda"),
+    "dask": Registration("fastlsm.backends.dask", _spec.DASK, None),
+}
+DEVICES = ("auto", *(r.device for r in REGISTRY.values() if r.device))
+_BY_PLACEMENT = {r.placement: name for name, r in REGISTRY.items()}
+_BY_DEVICE = {r.device: name for name, r in REGISTRY.items() if r.device}
+
+
+@functools.cache
+def get(name: str) -> Backend:
+    """The backend registered as ``name``, its module imported on first use."""
+    return importlib.import_module(REGISTRY[name].module).BACKEND
+
+
+# --- device selection --------------------------------------------------------------------------
+
+def _check_device(device, name: str) -> str | None:
+    if device is None:
+        return None
+    if not isinstance(device, str) or device.lower() not in DEVICES:
+        raise ValueError(f"{name} must be one of {DEVICES} or None, got {device!r}")
+    device = device.lower()
+    return None if device == "auto" else device
+
+
+# Read once at import; set_default_device() changes it.
+default_device: str | None = _check_device(os.environ.get("FASTLSM_DEVICE") or None,
+                                           "FASTLSM_DEVICE")
+
+
+def set_default_device(device: str | None) -> None:
+    """Device for calls that pass no ``device=``: ``"cpu"``, ``"cuda"``, or ``"auto"``/None
+    (the default: follow the data).  Starts from the ``FASTLSM_DEVICE`` environment variable."""
+    global default_device
+    default_device = _check_device(device, "device")
+
+
+def get_default_device() -> str:
+    """The device set by :func:`set_default_device` or ``FASTLSM_DEVICE``; ``"auto"`` if none."""
+    return default_device or "auto"
+
+
+def host_device(device) -> bool:
+    """Whether a call with ``device=device`` on host data runs on the CPU (the test of the
+    public functions' fast paths: no device asked for, or the CPU)."""
+    return (default_device if device is None else device) in (None, "cpu")
+
+
+def _select(where: str, device) -> Backend:
+    device = _check_device(device, "device") or default_device
+    if where == _spec.DASK:
+        if device is not None:
+            raise ValueError(f"device={device!r} does not apply to a Dask array: each chunk runs "
+                             "where its data lives (CuPy chunks on the GPU)")
+        return get("dask")
+    if device is None:
+        return get(_BY_PLACEMENT[where])
+    if device == "cpu" and where == _spec.CUDA:
+        raise ValueError("device='cpu' was asked for, but the input lives on a CUDA device; copy "
+                         "it to the host first (.get() for CuPy, .cpu() for PyTorch)")
+    return get(_BY_DEVICE[device])
+
+
+def resolve(spec, device) -> Backend:
+    """The backend that runs ``spec`` (its first array decides, with ``device``), once it has
+    said that it supports it."""
+    first = spec.grad_output if isinstance(spec, _spec.Backward) else (
+        spec.input if isinstance(spec, _spec.Loss) else spec.x)
+    backend = _select(first.placement, device)
+    gap = backend.supports(spec)
+    if gap is not None:
+        raise gap
+    return backend
+
+
+def for_block(block) -> Backend:
+    """The backend for one block of a Dask array: where the block's data lives."""
+    return get(_BY_PLACEMENT[_spec.placement(block)])
+
+
+# --- what the loss kernels take, on every backend ----------------------------------------------
+
+class ClassIndexTerms(NamedTuple):
+    """The class-index loss kernels' arguments after the targets (in this order): the class
+    weights in the compute dtype, their sum (for label smoothing), ``ignore_index``, the label
+    smoothing, the z-loss coefficient and the gradient's ``scale`` (1, or the inverse of the
+    ``mean`` denominator)."""
+    weight: Any
+    total_weight: float
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    scale: float
+
+
+class ProbabilityTerms(NamedTuple):
+    """The probability-target loss kernels' arguments after the targets (in this order)."""
+    weight: Any
+    label_smoothing: float
+    z_loss: float
+    scale: float
+
+
+def mean_scale(reduction: str, denominator: float) -> float:
+    """The gradient's factor: 1, or for ``mean`` the inverse of its denominator (inf where it is
+    0: then every row is ignored, and ignored rows write a gradient of 0 without it)."""
+    if reduction != "mean":
+        return 1.0
+    return float("inf") if denominator == 0.0 else 1.0 / denominator

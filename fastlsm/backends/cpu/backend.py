@@ -1,0 +1,263 @@
+"""The CPU backend: fastlsm's operations on NumPy arrays, from their specs to the CPU kernel
+bundles (:mod:`.kernels.softmax`, :mod:`.kernels.backward`, :mod:`.kernels.loss`).
+
+Each operation sees its input as ``(rows, classes)`` (:mod:`.layout`), runs the bundle's kernel
+for that layout (:func:`~.runtime.run_rows`: short rows a tile at a time, long rows one at a
+time, serial or parallel by size) and maps the result back.  The ``plain_*`` methods are the
+public functions' fast paths for the common call (:func:`fastlsm._spec.plain_rows`), which
+skip the spec: on a (1, 10) array the general handling would cost more than the call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from fastlsm import _spec
+from fastlsm.backends.base import ClassIndexTerms, ProbabilityTerms, mean_scale
+from fastlsm.backends.cpu import layout
+from fastlsm.backends.cpu.kernels import backward, loss, softmax
+from fastlsm.backends.cpu import runtime
+from fastlsm.backends.cpu.runtime import RowKernels
+
+
+def _elementwise(kernels: RowKernels, spec: _spec.Rowwise):
+    array, axes, out = spec.x.data, spec.axes, spec.out
+    columns = layout.column_view(array, axes)
+    if columns is not None:
+        result = np.empty_like(array) if out is None else out
+        result_columns = layout.column_view(result, axes)
+        if result_columns is not None and result_columns.strides == columns.strides and (
+                result is array or not np.may_share_memory(result, array)):
+            runtime.run(kernels.columns, columns, result_columns)
+            return result
+    rows = layout.to_rows(array, axes, spec.result_dtype, spec.compute_dtype)
+    result, target, scratch = layout.elementwise_target(rows, out)
+    if target.size:
+        runtime.run_rows(kernels, rows.matrix, target)
+    return layout.finish_elementwise(rows, result, target, scratch, out)
+
+
+def _plain_elementwise(kernels: RowKernels, x: np.ndarray, out: np.ndarray | None):
+    result = np.empty_like(x) if out is None else out
+    runtime.run_rows(kernels, x.reshape(-1, x.shape[-1]), result.reshape(-1, x.shape[-1]))
+    return result
+
+
+def _logsumexp(spec: _spec.Rowwise):
+    array, out = spec.x.data, spec.out
+    columns = layout.column_view(array, spec.axes)
+    if columns is not None:
+        lse = np.empty(columns.shape[::2], columns.dtype)  # (batch, width): the rows in order
+        runtime.run(softmax.LOGSUMEXP.columns, columns, lse)
+    else:
+        rows = layout.to_rows(array, spec.axes, spec.result_dtype, spec.compute_dtype)
+        lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
+        if lse.size:
+            runtime.run_rows(softmax.LOGSUMEXP, rows.matrix, lse)
+    if out is None:
+        result = lse.reshape(spec.shape).astype(spec.result_dtype, copy=False)
+        return result[()] if result.ndim == 0 else result
+    out[...] = lse.reshape(spec.shape)
+    return out
+
+
+def _backward(kernels: RowKernels, spec: _spec.Backward):
+    dtype, axes = spec.result_dtype, spec.axes
+    g = spec.grad_output.data.astype(dtype, copy=False)
+    y = spec.output.data.astype(dtype, copy=False)
+    g_rows = layout.to_rows(g, axes, dtype, spec.compute_dtype)
+    y_rows = layout.to_rows(y, axes, dtype, spec.compute_dtype)
+    result, target, scratch = layout.elementwise_target(g_rows, None)
+    if target.size:
+        runtime.run_rows(kernels, g_rows.matrix, y_rows.matrix, target)
+    return layout.finish_elementwise(g_rows, result, target, scratch, None)
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    # Shared by every call without weights; kernels only read it.  (A read-only flag would be a
+    # different Numba type: a second compilation of every loss kernel.)
+    return np.ones(n_classes, dtype)
+
+
+def class_weights(spec: _spec.Loss) -> tuple[np.ndarray, float]:
+    """The weights as a contiguous array of the compute dtype, and their sum in float64."""
+    if spec.weight is None:
+        return _unit_weight(spec.n_classes, spec.compute_dtype), float(spec.n_classes)
+    w = np.ascontiguousarray(spec.weight.data, dtype=spec.compute_dtype)
+    return w, float(w.sum(dtype=np.float64))
+
+
+def checked_class_indices(target: np.ndarray, weight: np.ndarray, ignore_index: int,
+                          offsets: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
+    """Flat int64 class indices, each in ``[0, C)`` or ``ignore_index`` (an IndexError naming
+    the first one that is not, at its position plus ``offsets``: where a block of targets
+    starts in the whole array), and the sum of their weights."""
+    flat = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
+    first, denominator = loss.check_class_indices(flat, weight, ignore_index)
+    if first >= 0:
+        position = np.unravel_index(first, target.shape) if target.ndim else ()
+        if offsets:
+            position = tuple(o + int(i) for o, i in zip(offsets, position))
+        raise _spec.target_out_of_bounds(flat[first], position, weight.shape[0])
+    return flat, denominator
+
+
+def _logit_rows(spec: _spec.Loss) -> layout.Rows:
+    # Only once the targets are checked: a transposed layout is copied by a kernel.
+    array = spec.input.data
+    if array.ndim == 2 and spec.class_axis == 1 and _spec.plain_rows(array, 1):
+        return layout.Rows(array, (1,), array.dtype, array.dtype, array)  # ~3 us less a call
+    return layout.to_rows(array, (spec.class_axis,), spec.result_dtype, spec.compute_dtype)
+
+
+def _grad_arrays(spec: _spec.Loss, rows: layout.Rows) -> tuple[tuple | None, np.ndarray]:
+    """``(grad, target)``: the ``(result, target, scratch)`` triple of
+    :func:`~.layout.elementwise_target`, or None and a ``(0, 0)`` target for no gradient."""
+    if not spec.want_grad:
+        return None, np.empty((0, 0), rows.compute_dtype)
+    grad = layout.elementwise_target(rows, spec.grad_out)
+    return grad, grad[1]
+
+
+def reduce_rows(per_row: np.ndarray, reduction: str, denominator: float, dtype: np.dtype,
+                row_shape: tuple[int, ...]) -> Any:
+    """The per-row float64 losses, reduced as asked and cast to the result dtype."""
+    if reduction == "none":
+        value = per_row.reshape(row_shape).astype(dtype)
+        return value[()] if value.ndim == 0 else value
+    total = per_row.sum()  # pairwise, in float64
+    if reduction == "mean":
+        if denominator == 0.0:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = total / np.float64(denominator)  # nan, or inf for weights summing to 0
+        else:
+            total = total / denominator
+    return dtype.type(total)
+
+
+def _finish_loss(spec: _spec.Loss, rows: layout.Rows, denominator: float, per_row: np.ndarray,
+                 grad: tuple | None, lse: np.ndarray | None):
+    """Reduce the per-row losses and gather what the caller asked for, in the result dtype."""
+    dtype = spec.result_dtype
+    results = [reduce_rows(per_row, spec.reduction, denominator, dtype, spec.row_shape)]
+    if grad is not None:
+        results.append(layout.finish_elementwise(rows, *grad, spec.grad_out))
+    if lse is not None:
+        lse_value = lse.reshape(spec.row_shape).astype(dtype)
+        results.append(lse_value[()] if lse_value.ndim == 0 else lse_value)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _cross_entropy(spec: _spec.Loss):
+    weight, total_weight = class_weights(spec)
+    n_rows = spec.n_rows
+    per_row = np.empty(n_rows)
+    lse = np.empty(n_rows)
+    if spec.probabilities:
+        denominator = float(n_rows)
+        rows = _logit_rows(spec)
+        probs = layout.to_rows(spec.target.data.astype(weight.dtype, copy=False),
+                               (spec.class_axis,), weight.dtype, weight.dtype).matrix
+        grad, grad_target = _grad_arrays(spec, rows)
+        terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
+                                 mean_scale(spec.reduction, denominator))
+        runtime.run_rows(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, per_row, lse,
+                 grad_target)
+    else:
+        flat, denominator = checked_class_indices(spec.target.data, weight, spec.ignore_index)
+        rows = _logit_rows(spec)
+        grad, grad_target = _grad_arrays(spec, rows)
+        terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
+                                spec.z_loss, mean_scale(spec.reduction, denominator))
+        runtime.run_rows(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, per_row, lse, grad_target)
+    return _finish_loss(spec, rows, denominator, per_row, grad, lse if spec.return_lse else None)
+
+
+def _nll_loss(spec: _spec.Loss):
+    weight = class_weights(spec)[0]
+    flat, denominator = checked_class_indices(spec.target.data, weight, spec.ignore_index)
+    rows = _logit_rows(spec)
+    grad, grad_target = _grad_arrays(spec, rows)
+    per_row = np.empty(flat.shape[0])
+    runtime.run_rows(loss.NLL_LOSS, rows.matrix, flat, weight, spec.ignore_index,
+             mean_scale(spec.reduction, denominator), per_row, grad_target)
+    return _finish_loss(spec, rows, denominator, per_row, grad, None)
+
+
+class CpuBackend:
+    """fastlsm on the CPU: NumPy arrays in and out, parallel Numba kernels."""
+
+    name = "cpu"
+
+    def supports(self, spec) -> Exception | None:
+        return None
+
+    def log_softmax(self, spec: _spec.Rowwise):
+        return _elementwise(softmax.LOG_SOFTMAX, spec)
+
+    def softmax(self, spec: _spec.Rowwise):
+        return _elementwise(softmax.SOFTMAX, spec)
+
+    def logsumexp(self, spec: _spec.Rowwise):
+        return _logsumexp(spec)
+
+    def log_softmax_backward(self, spec: _spec.Backward):
+        return _backward(backward.LOG_SOFTMAX_BACKWARD, spec)
+
+    def softmax_backward(self, spec: _spec.Backward):
+        return _backward(backward.SOFTMAX_BACKWARD, spec)
+
+    def cross_entropy(self, spec: _spec.Loss):
+        return _cross_entropy(spec)
+
+    def nll_loss(self, spec: _spec.Loss):
+        return _nll_loss(spec)
+
+    # -- the public functions' fast paths (arguments checked by fastlsm._spec.plain_*) --
+
+    def plain_log_softmax(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        return _plain_elementwise(softmax.LOG_SOFTMAX, x, out)
+
+    def plain_softmax(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        return _plain_elementwise(softmax.SOFTMAX, x, out)
+
+    def plain_logsumexp(self, x: np.ndarray):
+        lse = np.empty(x.shape[:-1], x.dtype)
+        runtime.run_rows(softmax.LOGSUMEXP, x.reshape(-1, x.shape[-1]), lse.reshape(-1))
+        return lse[()] if lse.ndim == 0 else lse
+
+    def plain_cross_entropy(self, input: np.ndarray, target: np.ndarray, ignore_index: int,
+                            reduction: str, return_grad: bool):
+        """:func:`fastlsm.cross_entropy` of a :func:`fastlsm._spec.plain_cross_entropy` call,
+        straight to the kernel: the general handling is ~6 of a ~11 us small call.  None where
+        a target is out of range (the general path raises)."""
+        n_rows, n_classes = input.shape
+        weight = _unit_weight(n_classes, input.dtype)
+        first, denominator = loss.check_class_indices(target, weight, ignore_index)
+        if first >= 0:
+            return None
+        per_row = np.empty(n_rows)
+        lse = np.empty(n_rows)
+        grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
+        runtime.run_rows(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
+                 0.0, mean_scale(reduction, denominator), per_row, lse, grad)
+        value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
+        return (value, grad) if return_grad else value
+
+    def info(self) -> dict[str, str]:
+        import numba
+        cache = getattr(softmax.LOG_SOFTMAX.rows.parallel, "_cache", None)
+        return {
+            "threads": str(numba.get_num_threads()),
+            "threading layer": runtime.threading_layer(),
+            "numba cache": getattr(cache, "_cache_path", "unknown (this Numba hides it)"),
+        }
+
+
+BACKEND = CpuBackend()

@@ -1,0 +1,139 @@
+"""log_softmax, softmax and logsumexp on the CPU, one kernel per layout (see
+:class:`~fastlsm.backends.cpu.runtime.RowKernels`), and the bundles that gather them.
+
+Every ``*_rows`` kernel takes 2-D arrays whose last axis is the class axis, with contiguous rows
+(unit column stride: the CPU backend guarantees it), and loops over rows with ``prange``;
+``*_short_rows`` take them a tile at a time (:func:`~.stats.tile_stats`), ``*_columns`` a
+``(batch, classes, width)`` view whose rows are side by side in memory (:func:`~.stats.column_stats`).
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
+from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, column_stats,
+                                                column_strips, rescale_stored_exps,
+                                                row_log_sum_exp, row_max_and_sum, row_stats,
+                                                strip_bounds, tile_bounds, tile_stats)
+from fastlsm.backends.cpu.runtime import RowKernels, rowwise
+from fastlsm.backends.formulas import finite_or_zero, log_of_sum
+
+
+@njit(inline="always")
+def write_log_softmax(row, dst, m, s):
+    c = row.dtype.type(finite_or_zero(m))
+    log_s = row.dtype.type(log_of_sum(s))
+    for j in range(row.shape[0]):
+        dst[j] = (row[j] - c) - log_s
+
+
+@rowwise
+def log_softmax_rows(x, out):
+    for i in prange(x.shape[0]):
+        row = contiguous_row(x, i)
+        m, s = row_max_and_sum(row)
+        write_log_softmax(row, contiguous_row(out, i), m, s)
+
+
+@rowwise
+def log_softmax_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for i in range(first, last):
+            write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
+                              maxima[i - first], sums[i - first])
+
+
+@rowwise
+def softmax_rows(x, out):
+    # The stats pass stores the exps in `out`, and the second pass only rescales them.
+    block_maxima = block_maxima_rows(x)
+    for i in prange(x.shape[0]):
+        row, dst = contiguous_row(x, i), contiguous_row(out, i)
+        maxima = contiguous_row(block_maxima, i)
+        m, s = row_stats(row, dst, maxima)
+        if not math.isfinite(m):
+            # SciPy's softmax shifts by the max even when it is not finite: such rows are nan.
+            dst[:] = np.nan
+            continue
+        rescale_stored_exps(dst, maxima, m, 1.0 / s)
+
+
+@rowwise
+def softmax_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for i in range(first, last):
+            row, dst = contiguous_row(x, i), contiguous_row(out, i)
+            m = maxima[i - first]
+            if not math.isfinite(m):
+                dst[:] = np.nan
+                continue
+            scale = row.dtype.type(1.0 / sums[i - first])
+            for j in range(row.shape[0]):
+                dst[j] = exp(row[j] - m) * scale
+
+
+@rowwise
+def logsumexp_rows(x, out):
+    for i in prange(x.shape[0]):
+        out[i] = row_log_sum_exp(contiguous_row(x, i))[3]
+
+
+@rowwise
+def logsumexp_short_rows(x, out):
+    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
+        first, last = tile_bounds(x.shape[0], tile)
+        maxima, sums = tile_stats(x, first, last)
+        for r in range(last - first):
+            out[first + r] = finite_or_zero(float(maxima[r])) + log_of_sum(sums[r])
+
+
+@rowwise
+def log_softmax_columns(x, out):
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        slab, dst = x[b], out[b]
+        maxima, shifts, sums = column_stats(slab, first, last)
+        log_sums = np.log(sums).astype(x.dtype)
+        for c in range(slab.shape[0]):
+            column = contiguous_row(slab, c)[first:last]
+            dst_column = contiguous_row(dst, c)[first:last]
+            for w in range(last - first):
+                dst_column[w] = (column[w] - shifts[w]) - log_sums[w]
+
+
+@rowwise
+def softmax_columns(x, out):
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        slab, dst = x[b], out[b]
+        maxima, shifts, sums = column_stats(slab, first, last)
+        # A column whose max is not finite is all nan (SciPy), as in softmax_rows.
+        scales = np.where(np.isfinite(maxima), 1.0 / sums, np.nan).astype(x.dtype)
+        for c in range(slab.shape[0]):
+            column = contiguous_row(slab, c)[first:last]
+            dst_column = contiguous_row(dst, c)[first:last]
+            for w in range(last - first):
+                dst_column[w] = exp(column[w] - shifts[w]) * scales[w]
+
+
+@rowwise
+def logsumexp_columns(x, out):
+    """``out[b, w]``: the log-sum-exp of ``x[b, :, w]``."""
+    for task in prange(x.shape[0] * column_strips(x)):
+        b, first, last = strip_bounds(x, task)
+        maxima, shifts, sums = column_stats(x[b], first, last)
+        for w in range(last - first):
+            out[b, first + w] = float(shifts[w]) + log_of_sum(sums[w])
+
+
+LOG_SOFTMAX = RowKernels(rows=log_softmax_rows, short_rows=log_softmax_short_rows,
+                         columns=log_softmax_columns)
+SOFTMAX = RowKernels(rows=softmax_rows, short_rows=softmax_short_rows, columns=softmax_columns)
+LOGSUMEXP = RowKernels(rows=logsumexp_rows, short_rows=logsumexp_short_rows,
+                       columns=logsumexp_columns)

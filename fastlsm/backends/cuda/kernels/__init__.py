@@ -1,0 +1,1 @@
+"""numba-cuda kernels, by family; :mod:`.primitives` holds what they share."""

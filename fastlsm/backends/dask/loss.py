@@ -1,0 +1,327 @@
+"""cross_entropy and nll_loss as lazy Dask graphs.
+
+Class-index targets are rechunked to the logits' rows and checked a row chunk at a task (the
+CPU backend's check, naming a bad target's position in the whole array), before any task reads
+them; Dask knows their values only when the graph is computed, so an out-of-range target raises
+its IndexError then.  ``mean`` divides the sum of all the rows' losses by one denominator for
+the whole array (``sum(weight[target])`` over the kept targets, or the row count for probability
+targets), so chunking never changes the result beyond rounding.
+
+With the class axis in one chunk, every block runs the loss of its data's backend on whole rows
+(with ``reduction='none'``; for ``mean`` the weights and z-loss are scaled by the inverse of the
+denominator, so that each row's loss and gradient are its share of the mean).  With the class axis
+split: partials a block, a merge a row chunk and the gradient a block, through the CPU backend's
+split-row kernels (:mod:`fastlsm.backends.cpu.split`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastlsm import _spec
+from fastlsm.backends import base
+from fastlsm.backends.cpu import split
+from fastlsm.backends.cpu.kernels.partials import (CROSS_ENTROPY_PARTIALS, CROSS_ENTROPY_SPLIT,
+                                                   LOSS_STATS, PROBABILITIES_SPLIT,
+                                                   PROBABILITY_PARTIALS)
+from fastlsm.backends.dask import graph
+
+
+# --- targets, weights and the mean's denominator -------------------------------------------------
+
+def _chunked_like(array, chunks: tuple):
+    """``array`` (Dask or NumPy) as a Dask array of ``chunks``."""
+    import dask.array as da
+    if _spec.is_dask_array(array):
+        return array.rechunk(chunks)
+    return da.from_array(np.asarray(array), chunks=chunks)
+
+
+def _checked_block(target_block, *, weight, ignore_index, block_info=None):
+    offsets = tuple(start for start, _ in block_info[0]["array-location"])
+    split.class_indices(target_block, weight, ignore_index, offsets)
+    return target_block
+
+
+def _class_index_targets(spec: _spec.Loss, x, weight: np.ndarray):
+    """The targets chunked as the logits' rows, each block checked before it is used."""
+    rows = tuple(c for i, c in enumerate(x.chunks) if i != spec.class_axis)
+    target = _chunked_like(spec.target.data, rows)
+    return target.map_blocks(_checked_block, weight=weight, ignore_index=spec.ignore_index,
+                             dtype=target.dtype, meta=target._meta)
+
+
+def _weight_sum_block(target_block, *, weight, ignore_index):
+    total = split.class_indices(target_block, weight, ignore_index, ())[1]
+    return np.full((1,) * target_block.ndim, total)
+
+
+def _target_weight_sum(target, weight: np.ndarray, ignore_index: int):
+    """``mean``'s denominator: ``sum(weight[t])`` over the kept (checked) targets, 0-d Dask."""
+    import dask.array as da
+    rows = tuple(range(target.ndim))
+    block_sums = da.blockwise(_weight_sum_block, rows, target, rows,
+                              adjust_chunks={i: 1 for i in rows},
+                              meta=np.empty((0,) * target.ndim), weight=weight,
+                              ignore_index=ignore_index)
+    return block_sums.sum()
+
+
+def _first_class(class_ids: np.ndarray) -> int:
+    """The first class of a block, from its block of ``arange(C)`` (none for an empty block)."""
+    return int(class_ids[0]) if class_ids.size else 0
+
+
+def _by_class(x, class_axis: int, values):
+    """``values`` (one a class) as a Dask array chunked as the classes."""
+    import dask.array as da
+    return da.from_array(values, chunks=(x.chunks[class_axis],))
+
+
+def _class_ids(x, class_axis: int):
+    """``arange(C)`` chunked as the classes: a block's first class is its first element."""
+    import dask.array as da
+    return da.arange(x.shape[class_axis], chunks=(x.chunks[class_axis],))
+
+
+def _scale_block(denominator):
+    return np.float64(base.mean_scale("mean", float(denominator)))
+
+
+def _mean_scale(denominator):
+    """``mean``'s factor ``1 / denominator`` (inf for 0, as the kernels take it)."""
+    import dask.array as da
+    if not _spec.is_dask_array(denominator):
+        return base.mean_scale("mean", denominator)
+    return da.blockwise(_scale_block, (), denominator, (), meta=np.empty(()))
+
+
+# The reduced loss is a NumPy scalar whatever the blocks (float() also takes a CuPy 0-d array).
+
+def _divide_block(total, denominator, *, result_dtype):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return result_dtype.type(np.float64(float(total)) / np.float64(float(denominator)))
+
+
+def _scaled_mean_block(total, denominator, *, result_dtype):
+    # The terms were scaled by 1 / denominator already; none kept (denominator 0) gives nan.
+    return result_dtype.type(np.nan if float(denominator) == 0.0 else float(total))
+
+
+def _reduce(loss_rows, reduction: str, denominator, dtype: np.dtype, *, scaled: bool):
+    """The per-row losses reduced as asked: cast for ``none``, summed in float64 otherwise.
+
+    ``mean`` divides by ``denominator`` (a float or a 0-d Dask array), unless the losses were
+    ``scaled`` by its inverse already.
+    """
+    import dask.array as da
+    if reduction == "none":
+        return loss_rows.astype(dtype)
+    total = loss_rows.sum(dtype=np.float64)
+    if reduction == "sum":
+        return total.astype(dtype)
+    return da.blockwise(_scaled_mean_block if scaled else _divide_block, (), total, (),
+                        *graph.scalar_arg(denominator), meta=np.empty((), dtype),
+                        result_dtype=dtype)
+
+
+def _scaled(weight, z_loss: float, scale) -> tuple:
+    """Weights and z-loss scaled by ``scale`` (1, or the inverse of the mean's denominator):
+    every term of the loss and of its gradient is linear in them."""
+    scale = float(scale)
+    if scale == 1.0:
+        return weight, z_loss
+    with np.errstate(over="ignore", invalid="ignore"):
+        weight = weight * scale
+    return weight, z_loss * scale if z_loss > 0.0 else z_loss
+
+
+# --- whole rows ----------------------------------------------------------------------------------
+
+def _cross_entropy_rows_block(x_block, target_block, weight, scale, *, class_axis, ignore_index,
+                              label_smoothing, z_loss, return_grad, return_lse):
+    """The loss of a block of whole rows (per row, its share of a mean): per-row losses, then
+    grad and lse as asked."""
+    weight, z_loss = _scaled(weight, z_loss, scale)
+    spec = _spec.loss(x_block, target_block, weight, ignore_index, "none", label_smoothing,
+                      z_loss, class_axis, return_grad, None, return_lse)
+    results = base.for_block(x_block).cross_entropy(spec)
+    return results if isinstance(results, tuple) else (results,)
+
+
+def _cross_entropy_rows(spec: _spec.Loss, x, target, weight, denominator):
+    class_axis, dtype = spec.class_axis, spec.result_dtype
+    index = tuple(range(x.ndim))
+    rows = tuple(i for i in index if i != class_axis)
+    target_index = index if target.ndim == x.ndim else rows
+    scaled = spec.reduction == "mean"
+    weight_arg = ((_by_class(x, class_axis, weight), (class_axis,))
+                  if spec.weight is not None or scaled else (None, None))
+    scale = _mean_scale(denominator) if scaled else 1.0
+    results = graph.block_results(_cross_entropy_rows_block, x, target, target_index, *weight_arg,
+                                  *graph.scalar_arg(scale), class_axis=class_axis,
+                                  ignore_index=spec.ignore_index,
+                                  label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
+                                  return_grad=spec.want_grad, return_lse=spec.return_lse)
+    row_meta = graph.block_meta(x, len(rows), dtype)
+    outputs = [_reduce(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
+                       dtype, scaled=scaled)]
+    if spec.want_grad:
+        outputs.append(graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype)))
+    if spec.return_lse:
+        outputs.append(graph.result(results, -1, rows, row_meta))
+    return outputs
+
+
+# --- a class axis split across chunks ------------------------------------------------------------
+
+def _flat(target_block) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(target_block).reshape(-1), dtype=np.int64)
+
+
+def _cross_entropy_partials_block(x_block, target_block, weight, class_ids, *, axes, n_columns,
+                                  label_smoothing):
+    partials = split.cross_entropy_partials(x_block, axes[0], _flat(target_block),
+                                            _first_class(class_ids), weight, label_smoothing)
+    return graph.block_partials(partials, x_block.shape, axes)
+
+
+def _cross_entropy_merge_block(partials, target_block, *, axes, n_classes, total_weight,
+                               ignore_index, label_smoothing, z_loss):
+    by_block, row_shape = graph.rows_by_block(partials, axes)
+    stats = split.merge(CROSS_ENTROPY_SPLIT.merge, by_block, _flat(target_block), total_weight,
+                        ignore_index, label_smoothing, n_classes, z_loss, n_out=LOSS_STATS)
+    return stats.reshape(row_shape + (LOSS_STATS,))
+
+
+def _cross_entropy_grad_block(x_block, stats, target_block, weight, class_ids, scale, *, axes,
+                              n_classes, ignore_index, label_smoothing, total_weight, z_loss):
+    return split.finish(CROSS_ENTROPY_SPLIT.finish, x_block, axes, _flat(target_block),
+                        _first_class(class_ids), weight, ignore_index,
+                        stats.reshape(-1, stats.shape[-1]), total_weight, label_smoothing,
+                        n_classes, z_loss, float(scale))
+
+
+def _probs_partials_block(x_block, y_block, weight, *, axes, n_columns, n_classes,
+                          label_smoothing):
+    partials = split.probability_partials(x_block, axes[0], y_block, weight, label_smoothing,
+                                          n_classes)
+    return graph.block_partials(partials, x_block.shape, axes)
+
+
+def _probs_merge_block(partials, *, axes, z_loss):
+    by_block, row_shape = graph.rows_by_block(partials, axes)
+    stats = split.merge(PROBABILITIES_SPLIT.merge, by_block, z_loss, n_out=LOSS_STATS)
+    return stats.reshape(row_shape + (LOSS_STATS,))
+
+
+def _probs_grad_block(x_block, stats, y_block, weight, scale, *, axes, n_classes, z_loss,
+                      label_smoothing):
+    return split.finish(PROBABILITIES_SPLIT.finish, x_block, axes,
+                        split.matrix_like(x_block, y_block, axes), weight,
+                        stats.reshape(-1, stats.shape[-1]), label_smoothing, n_classes, z_loss,
+                        float(scale))
+
+
+def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, denominator):
+    class_axis, dtype = spec.class_axis, spec.result_dtype
+    axes = (class_axis,)
+    index = tuple(range(x.ndim))
+    rows = tuple(i for i in index if i != class_axis)
+    weights, class_ids = _by_class(x, class_axis, weight), _class_ids(x, class_axis)
+    options = dict(n_classes=spec.n_classes, label_smoothing=spec.label_smoothing)
+    if spec.probabilities:
+        partials = graph.partials_layer(_probs_partials_block, PROBABILITY_PARTIALS, axes, x,
+                                        target, index, weights, axes, **options)
+        stats = graph.merge_layer(_probs_merge_block, partials, axes, LOSS_STATS,
+                                  z_loss=spec.z_loss)
+        grad_block, grad_args = _probs_grad_block, (target, index, weights, axes)
+    else:
+        partials = graph.partials_layer(_cross_entropy_partials_block, CROSS_ENTROPY_PARTIALS,
+                                        axes, x, target, rows, weights, axes, class_ids, axes,
+                                        label_smoothing=spec.label_smoothing)
+        stats = graph.merge_layer(_cross_entropy_merge_block, partials, axes, LOSS_STATS, target,
+                                  rows, total_weight=total_weight, ignore_index=spec.ignore_index,
+                                  z_loss=spec.z_loss, **options)
+        grad_block = _cross_entropy_grad_block
+        grad_args = (target, rows, weights, axes, class_ids, axes)
+        options.update(ignore_index=spec.ignore_index, total_weight=total_weight)
+    outputs = [_reduce(stats[..., 0], spec.reduction, denominator, dtype, scaled=False)]
+    if spec.want_grad:
+        scale = _mean_scale(denominator) if spec.reduction == "mean" else 1.0
+        outputs.append(graph.finish_layer(grad_block, x, stats, axes, dtype, *grad_args,
+                                          *graph.scalar_arg(scale), z_loss=spec.z_loss,
+                                          **options))
+    if spec.return_lse:
+        outputs.append(stats[..., 1].astype(dtype))
+    return outputs
+
+
+def cross_entropy(spec: _spec.Loss):
+    x = spec.input.data
+    weight, total_weight = split.class_weights(spec)
+    if spec.probabilities:
+        target = _chunked_like(spec.target.data, x.chunks)
+        denominator = float(math.prod(spec.row_shape))
+    else:
+        target = _class_index_targets(spec, x, weight)
+        denominator = (_target_weight_sum(target, weight, spec.ignore_index)
+                       if spec.reduction == "mean" else None)
+    if graph.classes_split(x, (spec.class_axis,)):
+        outputs = _cross_entropy_split(spec, x, target, weight, total_weight, denominator)
+    else:
+        outputs = _cross_entropy_rows(spec, x, target, weight, denominator)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+# --- nll_loss --------------------------------------------------------------------------------
+
+def _nll_block(x_block, target_block, weight, class_ids, scale, *, class_axis, ignore_index,
+               return_grad):
+    """nll_loss of one block of classes: each row's share of the loss (its target's term where
+    the target lies in the block, else 0), with the class axis kept as size 1, and the gradient
+    as asked.  ``scale`` as in :func:`_cross_entropy_rows_block`."""
+    target = _flat(target_block.get() if _spec.is_cuda_array(target_block) else target_block)
+    local = target - _first_class(class_ids)
+    inside = (target != ignore_index) & (local >= 0) & (local < x_block.shape[class_axis])
+    # -1 marks the rows this block adds nothing to: it is never a class of the block.
+    local = np.where(inside, local, -1).reshape(target_block.shape)
+    weight = _scaled(weight, 0.0, scale)[0]
+    spec = _spec.loss(x_block, local, weight, -1, "none", 0.0, 0.0, class_axis, return_grad,
+                      None, False, probabilities_allowed=False)
+    results = base.for_block(x_block).nll_loss(spec)
+    loss, *grad = results if return_grad else (results,)
+    return (np.expand_dims(loss, class_axis), *grad)
+
+
+def _sum_over_classes_block(shares, *, class_axis):
+    return shares.sum(axis=class_axis)
+
+
+def nll_loss(spec: _spec.Loss):
+    import dask.array as da
+    x = spec.input.data
+    class_axis, dtype = spec.class_axis, spec.result_dtype
+    weight = split.class_weights(spec)[0]
+    target = _class_index_targets(spec, x, weight)
+    index = tuple(range(x.ndim))
+    rows = tuple(i for i in index if i != class_axis)
+    mean = spec.reduction == "mean"
+    denominator = _target_weight_sum(target, weight, spec.ignore_index) if mean else None
+    scale = _mean_scale(denominator) if mean else 1.0
+    results = graph.block_results(_nll_block, x, target, rows, _by_class(x, class_axis, weight),
+                                  (class_axis,), _class_ids(x, class_axis), (class_axis,),
+                                  *graph.scalar_arg(scale), class_axis=class_axis,
+                                  ignore_index=spec.ignore_index, return_grad=spec.want_grad)
+    shares = graph.result(results, 0, index, graph.block_meta(x, x.ndim, dtype),
+                          adjust_chunks={class_axis: 1})
+    if spec.reduction == "none":
+        loss = da.blockwise(_sum_over_classes_block, rows, shares, index, concatenate=True,
+                            meta=graph.block_meta(x, len(rows), dtype), class_axis=class_axis)
+    else:
+        loss = _reduce(shares, spec.reduction, denominator, dtype, scaled=True)
+    if not spec.want_grad:
+        return loss
+    return loss, graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype))

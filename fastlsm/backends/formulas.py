@@ -1,0 +1,102 @@
+"""The scalar math of fastlsm's kernels, written once for every target.
+
+Each function is ``@njit(inline="always")``: the CPU kernels inline it, and numba-cuda compiles
+the same source into the CUDA kernels that call it (and the CUDA simulator runs it as Python).
+The Dask backend's merges run the CPU kernels that use these, so every backend computes a row's
+loss, its gradient's coefficients and the (max, sum) merge with the same formulas and in the same
+order.  Elementwise loops stay in the kernels: each target has its own ``exp`` (the CPU's
+vectorised polynomial, CUDA's ``math.exp``).
+
+Notation, as ``shared/reference/semantics.md`` has it: a row's max ``m``, its ``shift =
+finite_or_zero(m)``, ``s = sum(exp(x - shift))``, ``log_s = log(s)`` and ``lse = shift + log_s``;
+``C`` classes, weights ``w`` summing to ``W``, label smoothing ``eps``, z-loss coefficient ``z``,
+and the gradient's ``scale`` (1, or the inverse of the ``mean`` denominator).
+"""
+
+import math
+
+from numba import njit
+
+
+@njit(inline="always")
+def finite_or_zero(m):
+    """The shift of a row whose max is ``m``: ``m`` where finite, else 0.
+
+    SciPy shifts by the max only where it is finite, so a row holding ``+inf`` or nothing but
+    ``-inf`` is shifted by 0, which gives its documented nan / -inf answers instead of
+    ``inf - inf`` everywhere.
+    """
+    return m if math.isfinite(m) else 0.0
+
+
+@njit(inline="always")
+def log_of_sum(s):
+    """``log(s)``: -inf for the 0 of an empty or all ``-inf`` row (spelt out, since Python's log
+    raises there and the CUDA simulator runs kernels as Python)."""
+    return math.log(s) if s > 0.0 else (-math.inf if s == 0.0 else math.nan)
+
+
+@njit(inline="always")
+def rescaled(s, shift, new_shift):
+    """A sum of exps shifted by ``shift``, brought to ``new_shift``: the (max, sum) merge's term.
+
+    A sum of 0 (a part that is all ``-inf``) stays 0: its ``exp(shift - new_shift)`` may
+    overflow, and ``0 * inf`` is nan.
+    """
+    return s * math.exp(shift - new_shift) if s != 0.0 else 0.0
+
+
+@njit(inline="always")
+def reshifted(total, weights, shift, new_shift):
+    """``sum_c w_c (x_c - shift)``, given as ``total`` with ``weights = sum_c w_c``, taken
+    relative to ``new_shift`` instead: how a split row's per-part sums are brought to the row's
+    shift."""
+    return total + (shift - new_shift) * weights
+
+
+@njit(inline="always")
+def class_index_loss(x_t, shift, log_s, w_t, smoothing, n_classes, total_weight, weighted,
+                     z_loss, lse):
+    """A kept row's class-index loss (PyTorch's):
+    ``(1 - eps) * -w_t * logp_t + eps / C * -sum_c w_c * logp_c + z * lse**2``.
+
+    ``logp_c = (x_c - shift) - log_s``; ``x_t`` and ``shift`` in the row's dtype (their
+    difference is exact where it matters for float32), ``weighted = sum_c w_c * (x_c - m)``,
+    used with label smoothing only.
+    """
+    loss = (1.0 - smoothing) * (-w_t * ((x_t - shift) - log_s))
+    if smoothing > 0.0:
+        loss += smoothing / n_classes * (total_weight * log_s - weighted)
+    if z_loss > 0.0:
+        loss += z_loss * lse * lse
+    return loss
+
+
+@njit(inline="always")
+def class_index_gradient(w_t, smoothing, n_classes, total_weight, z_loss, lse, scale):
+    """``(a, b, c)`` of a kept row's class-index gradient, ``grad_j = a * p_j - b * w_j
+    - c * [j == t]`` with ``p = softmax(x)``: ``a = scale * ((1 - eps) * w_t + eps / C * W
+    + 2 z lse)``, ``b = scale * eps / C``, ``c = scale * (1 - eps) * w_t``."""
+    a = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
+                 + 2.0 * z_loss * lse)
+    return a, scale * smoothing / n_classes, scale * (1.0 - smoothing) * w_t
+
+
+@njit(inline="always")
+def smoothed_weight(w, y, keep, spread):
+    """``w * y'``: a class's weight times its probability target smoothed,
+    ``y' = y * (1 - eps) + eps / C`` (``keep = 1 - eps``, ``spread = eps / C``)."""
+    return w * (y * keep + spread)
+
+
+@njit(inline="always")
+def probability_loss(wy_sum, wyx_sum, log_s, z_loss, lse):
+    """A row's probability-target loss, ``-sum_c w_c y'_c logp_c + z lse**2``, from
+    ``wy_sum = sum_c w_c y'_c`` and ``wyx_sum = sum_c w_c y'_c (x_c - m)``."""
+    return wy_sum * log_s - wyx_sum + z_loss * lse * lse
+
+
+@njit(inline="always")
+def probability_gradient(wy_sum, z_loss, lse, scale):
+    """``a`` of a row's probability-target gradient, ``grad_j = a * p_j - scale * w_j y'_j``."""
+    return scale * (wy_sum + 2.0 * z_loss * lse)

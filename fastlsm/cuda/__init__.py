@@ -1,1 +1,0 @@
-"""NVIDIA GPU kernels (numba-cuda).  Imported only by a call that runs on a CUDA device."""
