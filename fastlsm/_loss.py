@@ -75,7 +75,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
     0.5106
     """
-    if base.host_device(device) and _spec.plain_cross_entropy(
+    if base.runs_on_cpu(device) and _spec.plain_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, axis, grad_out, z_loss,
             return_lse):
         result = base.get("cpu").plain_cross_entropy(input, target, ignore_index, reduction,

@@ -57,7 +57,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
     array([[-0.417 , -1.417 , -2.317 ],
            [-2.1041, -0.6041, -1.1041]])
     """
-    if base.host_device(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
+    if base.runs_on_cpu(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
         return base.get("cpu").plain_log_softmax(x, out)
     spec = _spec.rowwise(x, axis, out)
     return base.resolve(spec, device).log_softmax(spec)
@@ -77,7 +77,7 @@ def softmax(x: ArrayLike, axis: Axis = -1, *, out: Any = None,
     >>> fastlsm.softmax([1.0, 1.0]).tolist()
     [0.5, 0.5]
     """
-    if base.host_device(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
+    if base.runs_on_cpu(device) and _spec.plain_rows(x, axis) and _spec.plain_out(x, out):
         return base.get("cpu").plain_softmax(x, out)
     spec = _spec.rowwise(x, axis, out)
     return base.resolve(spec, device).softmax(spec)
@@ -112,7 +112,7 @@ def logsumexp(x: ArrayLike, axis: Axis = -1, *, keepdims: bool = False, out: Any
     >>> float(fastlsm.logsumexp([0.0, 0.0]))  # log(2)
     0.6931471805599453
     """
-    if out is None and not keepdims and base.host_device(device) and _spec.plain_rows(x, axis):
+    if out is None and not keepdims and base.runs_on_cpu(device) and _spec.plain_rows(x, axis):
         return base.get("cpu").plain_logsumexp(x)
     spec = _spec.rowwise(x, axis, out, reduce=True, keepdims=keepdims)
     return base.resolve(spec, device).logsumexp(spec)

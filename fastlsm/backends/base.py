@@ -100,10 +100,11 @@ def get_default_device() -> str:
     return default_device or "auto"
 
 
-def host_device(device) -> bool:
-    """Whether a call with ``device=device`` on host data runs on the CPU (the test of the
-    public functions' fast paths: no device asked for, or the CPU)."""
-    return (default_device if device is None else device) in (None, "cpu")
+def runs_on_cpu(device) -> bool:
+    """Whether a call on host data with ``device=device`` runs on the CPU without a spec: the
+    public functions' first test for their fast paths (a default device other than the data's
+    takes the general path)."""
+    return device == "cpu" or device is None and default_device is None
 
 
 def _select(where: str, device) -> Backend:

@@ -2,7 +2,7 @@
 bundles (:mod:`.kernels.softmax`, :mod:`.kernels.backward`, :mod:`.kernels.loss`).
 
 Each operation sees its input as ``(rows, classes)`` (:mod:`.layout`), runs the bundle's kernel
-for that layout (:func:`~.runtime.run_rows`: short rows a tile at a time, long rows one at a
+for that layout (:func:`~.runtime.run`: short rows a tile at a time, long rows one at a
 time, serial or parallel by size) and maps the result back.  The ``plain_*`` methods are the
 public functions' fast paths for the common call (:func:`fastlsm._spec.plain_rows`), which
 skip the spec: on a (1, 10) array the general handling would cost more than the call.
@@ -36,13 +36,14 @@ def _elementwise(kernels: RowKernels, spec: _spec.Rowwise):
     rows = layout.to_rows(array, axes, spec.result_dtype, spec.compute_dtype)
     result, target, scratch = layout.elementwise_target(rows, out)
     if target.size:
-        runtime.run_rows(kernels, rows.matrix, target)
+        runtime.run(kernels, rows.matrix, target)
     return layout.finish_elementwise(rows, result, target, scratch, out)
 
 
 def _plain_elementwise(kernels: RowKernels, x: np.ndarray, out: np.ndarray | None):
     result = np.empty_like(x) if out is None else out
-    runtime.run_rows(kernels, x.reshape(-1, x.shape[-1]), result.reshape(-1, x.shape[-1]))
+    n_classes = x.shape[-1]
+    runtime.run(kernels, x.reshape(-1, n_classes), result.reshape(-1, n_classes))
     return result
 
 
@@ -56,7 +57,7 @@ def _logsumexp(spec: _spec.Rowwise):
         rows = layout.to_rows(array, spec.axes, spec.result_dtype, spec.compute_dtype)
         lse = np.empty(rows.matrix.shape[0], rows.compute_dtype)
         if lse.size:
-            runtime.run_rows(softmax.LOGSUMEXP, rows.matrix, lse)
+            runtime.run(softmax.LOGSUMEXP, rows.matrix, lse)
     if out is None:
         result = lse.reshape(spec.shape).astype(spec.result_dtype, copy=False)
         return result[()] if result.ndim == 0 else result
@@ -72,7 +73,7 @@ def _backward(kernels: RowKernels, spec: _spec.Backward):
     y_rows = layout.to_rows(y, axes, dtype, spec.compute_dtype)
     result, target, scratch = layout.elementwise_target(g_rows, None)
     if target.size:
-        runtime.run_rows(kernels, g_rows.matrix, y_rows.matrix, target)
+        runtime.run(kernels, g_rows.matrix, y_rows.matrix, target)
     return layout.finish_elementwise(g_rows, result, target, scratch, None)
 
 
@@ -167,7 +168,7 @@ def _cross_entropy(spec: _spec.Loss):
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
                                  mean_scale(spec.reduction, denominator))
-        runtime.run_rows(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, per_row, lse,
+        runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, per_row, lse,
                  grad_target)
     else:
         flat, denominator = checked_class_indices(spec.target.data, weight, spec.ignore_index)
@@ -175,7 +176,7 @@ def _cross_entropy(spec: _spec.Loss):
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
                                 spec.z_loss, mean_scale(spec.reduction, denominator))
-        runtime.run_rows(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, per_row, lse, grad_target)
+        runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, per_row, lse, grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, lse if spec.return_lse else None)
 
 
@@ -185,9 +186,13 @@ def _nll_loss(spec: _spec.Loss):
     rows = _logit_rows(spec)
     grad, grad_target = _grad_arrays(spec, rows)
     per_row = np.empty(flat.shape[0])
-    runtime.run_rows(loss.NLL_LOSS, rows.matrix, flat, weight, spec.ignore_index,
+    runtime.run(loss.NLL_LOSS, rows.matrix, flat, weight, spec.ignore_index,
              mean_scale(spec.reduction, denominator), per_row, grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, None)
+
+
+_plain_log_softmax = functools.partial(_plain_elementwise, softmax.LOG_SOFTMAX)
+_plain_softmax = functools.partial(_plain_elementwise, softmax.SOFTMAX)
 
 
 class CpuBackend:
@@ -221,15 +226,13 @@ class CpuBackend:
 
     # -- the public functions' fast paths (arguments checked by fastlsm._spec.plain_*) --
 
-    def plain_log_softmax(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        return _plain_elementwise(softmax.LOG_SOFTMAX, x, out)
-
-    def plain_softmax(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        return _plain_elementwise(softmax.SOFTMAX, x, out)
+    # (x, out) -> the result; partials rather than methods: a Python frame less a small call.
+    plain_log_softmax = staticmethod(_plain_log_softmax)
+    plain_softmax = staticmethod(_plain_softmax)
 
     def plain_logsumexp(self, x: np.ndarray):
         lse = np.empty(x.shape[:-1], x.dtype)
-        runtime.run_rows(softmax.LOGSUMEXP, x.reshape(-1, x.shape[-1]), lse.reshape(-1))
+        runtime.run(softmax.LOGSUMEXP, x.reshape(-1, x.shape[-1]), lse.reshape(-1))
         return lse[()] if lse.ndim == 0 else lse
 
     def plain_cross_entropy(self, input: np.ndarray, target: np.ndarray, ignore_index: int,
@@ -245,7 +248,7 @@ class CpuBackend:
         per_row = np.empty(n_rows)
         lse = np.empty(n_rows)
         grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
-        runtime.run_rows(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
+        runtime.run(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
                  0.0, mean_scale(reduction, denominator), per_row, lse, grad)
         value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
         return (value, grad) if return_grad else value

@@ -102,11 +102,15 @@ def _layer_is_threadsafe() -> bool:
     return threading_layer() != "workqueue"
 
 
-def run(kernel: Kernel, *args) -> None:
-    """Run ``kernel``, serial or parallel by the size of its first argument, a ``(..., rows,
-    classes)`` array."""
+def run(kernel: Kernel | RowKernels, *args) -> None:
+    """Run ``kernel`` (for a bundle: its ``short_rows`` kernel for rows of at most
+    :data:`SHORT_ROW_CLASSES` classes where it has one, else its ``rows`` kernel), serial or
+    parallel by the size of its first argument, a ``(..., rows, classes)`` array."""
     shape = args[0].shape
     classes = shape[-1]
+    if type(kernel) is RowKernels:  # a test, not a call: this is every small call's path
+        kernel = (kernel.short_rows if kernel.short_rows is not None
+                  and classes <= SHORT_ROW_CLASSES else kernel.rows)
     rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
     if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or numba.get_num_threads() == 1:
         kernel.serial(*args)
@@ -120,10 +124,3 @@ def run(kernel: Kernel, *args) -> None:
             _parallel_lock.release()
     else:
         kernel.serial(*args)
-
-
-def run_rows(kernels: RowKernels, *args) -> None:
-    """Run ``kernels.rows``, or ``kernels.short_rows`` for short rows, on ``(rows, classes)``
-    arrays."""
-    short = kernels.short_rows is not None and args[0].shape[-1] <= SHORT_ROW_CLASSES
-    run(kernels.short_rows if short else kernels.rows, *args)

@@ -51,7 +51,7 @@ def partials(split: SplitKernels, n_columns: int, block, axes: tuple[int, ...],
     rows = block_rows(block, axes)
     result = np.empty((rows.matrix.shape[0], n_columns))
     if result.size:
-        runtime.run_rows(split.partials, rows.matrix, *_matrices(rows, others, axes), result)
+        runtime.run(split.partials, rows.matrix, *_matrices(rows, others, axes), result)
     return result
 
 
@@ -98,7 +98,7 @@ def cross_entropy_partials(block, class_axis: int, target: np.ndarray, first_cla
     rows = block_rows(block, (class_axis,))
     result = np.empty((rows.matrix.shape[0], kernels.CROSS_ENTROPY_PARTIALS))
     if result.size:
-        runtime.run_rows(kernels.CROSS_ENTROPY_SPLIT.partials, rows.matrix, target, first_class,
+        runtime.run(kernels.CROSS_ENTROPY_SPLIT.partials, rows.matrix, target, first_class,
                          weight, label_smoothing > 0.0, result)
     return result
 
@@ -110,6 +110,6 @@ def probability_partials(block, class_axis: int, probabilities, weight: np.ndarr
     y = _matrices(rows, (probabilities,), (class_axis,))[0]
     result = np.empty((rows.matrix.shape[0], kernels.PROBABILITY_PARTIALS))
     if result.size:
-        runtime.run_rows(kernels.PROBABILITIES_SPLIT.partials, rows.matrix, y, weight,
+        runtime.run(kernels.PROBABILITIES_SPLIT.partials, rows.matrix, y, weight,
                          label_smoothing, n_classes, result)
     return result
