@@ -3,6 +3,7 @@
 Importing fastlsm is cheap: Numba and the kernels load on the first call.
 """
 
+from fastlsm._info import info
 from fastlsm._loss import cross_entropy, nll_loss
 from fastlsm._softmax import (
     log_softmax,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "get_default_device",
+    "info",
     "set_default_device",
     "cross_entropy",
     "nll_loss",

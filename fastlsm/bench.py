@@ -621,9 +621,8 @@ def run_args(args: argparse.Namespace) -> int:
         check_matplotlib()
     peers = available_peers()
     threads = set_threads(args.threads, peers)
-    from fastlsm import _dispatch
     print(f"fastlsm {fastlsm.__version__} bench; threads: {threads} "
-          f"({_dispatch.threading_layer()} layer); peers: "
+          f"({fastlsm.info()['threading layer']} layer); peers: "
           + ", ".join(f"{k} {v}" if v else f"{k} (not importable, skipped)"
                       for k, v in peers.items()))
     print("fastlsm writes into a preallocated out/grad_out, as the copy floor does; peers allocate "

@@ -4,7 +4,7 @@
 that split the class axis (a vocabulary over several chunks), and times the ``mean``
 cross-entropy, with and without its gradient, three ways:
 
-* fastlsm's Dask path (:mod:`fastlsm._dask`): per-block partials, a merge a row chunk, a finish a
+* fastlsm's Dask path (:func:`fastlsm.cross_entropy` on Dask arrays): per-block partials, a merge a row chunk, a finish a
   block, all fastlsm kernels;
 * ``dask.array`` written the plain way: ``x - lse`` from ``da.max``, ``da.exp``, ``da.log``, the
   target's log-probability picked with a one-hot mask, the gradient as ``softmax - one_hot``;
@@ -30,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 
 import fastlsm
-from fastlsm import _dask
 
 BLOCK_BYTES = 64 << 20   # rows per chunk are chosen so that a block holds about this much
 SCALE = 3.0              # logits are standard normal * SCALE, as fastlsm bench's
@@ -51,7 +50,7 @@ def naive_cross_entropy(x, target, return_grad: bool):
 
 def fastlsm_dask_cross_entropy(x, target, return_grad: bool):
     """The ``mean`` cross-entropy of Dask logits through fastlsm's Dask path."""
-    return _dask.cross_entropy(x, target, return_grad=return_grad)
+    return fastlsm.cross_entropy(x, target, return_grad=return_grad)
 
 
 DASK_CONTENDERS = {"fastlsm Dask": fastlsm_dask_cross_entropy,

@@ -3,38 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-from importlib import metadata
 
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def info() -> dict[str, str]:
-    """Versions, threading and cache facts, as ``name -> value``."""
-    from fastlsm.backends import base
-    return {
-        "fastlsm": _version("fastlsm"),
-        "python": platform.python_version(),
-        "numpy": _version("numpy"),
-        "numba": _version("numba"),
-        "llvmlite": _version("llvmlite"),
-        **base.get("cpu").info(),
-        **_cuda_info(),
-    }
-
-
-def _cuda_info() -> dict[str, str]:
-    from fastlsm.backends import base
-    try:
-        return base.get("cuda").info()
-    except Exception as exc:  # a broken numba-cuda install: CUDA is not usable, and why
-        return {"cuda usable": f"no ({type(exc).__name__}: {exc})"}
+from fastlsm import info
 
 
 def main(argv: list[str] | None = None) -> int:
