@@ -30,9 +30,11 @@ numba.njit(lambda: 0)()   # before the fork, see above: serial, no thread team s
 TINY = os.environ.get("FASTLSM_ASV_TINY", "") not in ("", "0")
 
 # Shape families: many short rows, medium rows, LLM vocabularies (32k and Llama 3's 128,256),
-# a few huge rows, and a tiny call whose time is all per-call overhead.
-SHAPES = (["2000x10", "64x1000", "16x3200", "4x12825", "2x26214", "32x10"] if TINY else
-          ["2000000x10", "131072x1000", "8192x32000", "1024x128256", "8x262144", "32x10"])
+# a few huge rows, and two small calls (one cache-resident block of work, 256x128, and one whose
+# time is all per-call overhead, 32x10) that keep the front end's cost in view.
+SHAPES = (["2000x10", "64x1000", "16x3200", "4x12825", "2x26214", "256x128", "32x10"] if TINY else
+          ["2000000x10", "131072x1000", "8192x32000", "1024x128256", "8x262144", "256x128",
+           "32x10"])
 # Vocabulary-sized logits come in float32 (or narrower); float64 copies of them would be the
 # suite's largest inputs (2 GB) for a case nobody runs, so those benchmarks skip.
 LLM_SHAPES = SHAPES[2:4]
