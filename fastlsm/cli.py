@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastlsm import bench
     bench.add_arguments(commands.add_parser(
         "bench", help="time fastlsm beside NumPy, SciPy, PyTorch and the memory floors",
-        description=bench.__doc__.split("\n\n")[0]))
+        description=bench.DESCRIPTION))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.run_args(args)

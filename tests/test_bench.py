@@ -1,4 +1,5 @@
-"""``fastlsm bench``: the entry points run, print the tables, and write JSON and PNG output."""
+"""``fastlsm bench``: the entry points run, print the tables, and write JSON and PNG output; the
+op table's calls agree with its references."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastlsm import bench
+from fastlsm.bench import command, cpu, ops, timing
 
 TINY = ["--shapes", "64x10,4x300", "--repeat", "2", "--quiet"]
 
@@ -23,11 +25,11 @@ def test_main_prints_every_table_and_writes_json(tmp_path, capsys):
     assert out.count("\nlog_softmax  64x10  float32") == 1
     assert out.count("\ncross_entropy_grad  4x300  float32") == 1
     rows = table_rows(out)
-    assert rows.count("fastlsm") == 2 * len(bench.DEFAULT_OPS)
+    assert rows.count("fastlsm") == 2 * len(ops.DEFAULT_OPS)
     assert "copy" in rows and "read" in rows            # "copy floor", "read floor"
 
     records = json.loads(path.read_text())
-    assert {r["op"] for r in records} == set(bench.DEFAULT_OPS)
+    assert {r["op"] for r in records} == set(ops.DEFAULT_OPS)
     assert {tuple(r["shape"]) for r in records} == {(64, 10), (4, 300)}
     for r in records:
         assert set(r) >= {"op", "shape", "dtype", "contender", "median_s", "gbps",
@@ -75,24 +77,61 @@ def test_bad_options_are_refused(capsys):
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
         assert exc.value.code == 2
-    assert bench.parse_shapes("8192x32000, 32x10") == [(8192, 32000), (32, 10)]
+    assert command.parse_shapes("8192x32000, 32x10") == [(8192, 32000), (32, 10)]
+
+
+def test_python_m_fastlsm_bench():
+    done = subprocess.run([sys.executable, "-m", "fastlsm.bench", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--device" in done.stdout, done.stderr
 
 
 def test_slow_peers_are_skipped_only_past_the_run_budget():
-    assert bench.skip_reason(1.0, spent_s=0.5, case_budget_s=2) is None
-    assert "run budget" in bench.skip_reason(1.0, spent_s=1.5, case_budget_s=2)
-    assert bench.skip_reason(0.001, spent_s=99, case_budget_s=2) is None     # cheap: never
-    assert bench.skip_reason(5.0, spent_s=99, case_budget_s=0) is None       # 0: no cap
+    assert cpu.skip_reason(1.0, spent_s=0.5, case_budget_s=2) is None
+    assert "run budget" in cpu.skip_reason(1.0, spent_s=1.5, case_budget_s=2)
+    assert cpu.skip_reason(0.001, spent_s=99, case_budget_s=2) is None     # cheap: never
+    assert cpu.skip_reason(5.0, spent_s=99, case_budget_s=0) is None       # 0: no cap
 
 
 def test_measure_loops_tiny_calls_and_honours_repeat():
-    timing = bench.measure(lambda: None, budget_s=0.01, repeat=3)
-    assert timing.samples == 3 and timing.calls_per_sample > 1 and timing.median_s > 0
+    measured = timing.measure(lambda: None, budget_s=0.01, repeat=3)
+    assert measured.samples == 3 and measured.calls_per_sample > 1 and measured.median_s > 0
 
 
 def test_reference_matches_a_known_answer():
     x = np.array([[2.0, 1.0, 0.1]])
-    np.testing.assert_allclose(bench.np_log_softmax(x), [[-0.4170, -1.4170, -2.3170]], atol=1e-4)
-    loss, grad = bench.np_cross_entropy_grad(x, np.array([0]))
+    np.testing.assert_allclose(ops.np_log_softmax(x), [[-0.4170, -1.4170, -2.3170]], atol=1e-4)
+    loss, grad = ops.np_cross_entropy_grad(x, np.array([0]))
     np.testing.assert_allclose(grad.sum(), 0, atol=1e-12)
     np.testing.assert_allclose(loss, 0.4170, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ops.OPS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_op_matches_its_reference_and_peers(name, dtype):
+    """The table's fastlsm call, its NumPy reference on exact inputs and every installed peer
+    compute the same thing: a wrong row in the table would make the benchmark time (or check
+    against) something else."""
+    op = ops.OPS[name]
+    inputs = ops.for_op(op, ops.make_inputs((33, 70), np.dtype(dtype)))
+    expected = op.reference(ops.reference_inputs(inputs))
+    tolerance = 1e-5 if dtype == "float32" else 1e-12
+    available = ops.available_peers()
+    results = {"fastlsm": op.call(inputs)}
+    results.update((peer, call(inputs)) for peer, call in ops.peers_of(op).items()
+                   if available[peer])
+    for contender, result in results.items():
+        assert cpu.max_error(result, expected) < tolerance, contender
+
+
+def test_bytes_moved_counts_reads_writes_and_targets():
+    n, c = 1000, 50
+    assert ops.bytes_moved(ops.OPS["log_softmax"], (n, c), "float32") == 2 * n * c * 4
+    assert ops.bytes_moved(ops.OPS["logsumexp"], (n, c), "float64") == (n * c + n) * 8
+    assert ops.bytes_moved(ops.OPS["cross_entropy_grad"], (n, c), "float32") == (
+        (2 * n * c + 1) * 4 + 8 * n)
+    assert ops.bytes_moved(ops.FLOORS["copy"], (n, c), "float32") == 2 * n * c * 4
+    assert ops.bytes_moved(ops.FLOORS["read"], (n, c), "float32") == n * c * 4
+    # (16384, 131072) float32: 8.6 GB an array
+    assert ops.bytes_moved(ops.OPS["logsumexp"], (16384, 131072), "float32") == 2 ** 33 + 16384 * 4
+    assert {op.floor for op in ops.OPS.values()} <= set(ops.FLOORS)

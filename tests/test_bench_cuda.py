@@ -1,6 +1,6 @@
 """``fastlsm bench --device cuda``: the refusal without a GPU, the checks, the table and the JSON.
 
-Without a GPU the whole pipeline of :func:`fastlsm.bench_cuda.run` runs on PyTorch CPU tensors,
+Without a GPU the whole pipeline of :func:`fastlsm.bench.cuda.run` runs on PyTorch CPU tensors,
 with fastlsm's CPU kernels behind the interface the CUDA path has (torch tensors in, torch tensors
 out) and a wall-clock timer in place of CUDA events.  On a GPU, one test runs the real thing.
 """
@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 import fastlsm
-from fastlsm import bench, bench_cuda, cli
+from fastlsm import bench, cli
+from fastlsm.bench import cuda as bench_cuda
+from fastlsm.bench import cuda_report, ops
 
-ALL_OPS = list(bench.DEFAULT_OPS)
+ALL_OPS = list(ops.DEFAULT_OPS)
+CASE_NAMES = [case.name for case in bench_cuda.cases(ALL_OPS)]
 
 
 def torch_cuda_available() -> bool:
@@ -37,13 +40,16 @@ def wall_time(call, reps):
     for _ in range(reps):
         call()
     seconds = (time.perf_counter() - start) / reps
-    return bench_cuda.Timing(seconds, seconds)
+    return bench_cuda.EventTiming(seconds, seconds)
 
 
 def fastlsm_on_torch_cpu(torch, grad_offset=0.0):
     """fastlsm's CPU kernels with the CUDA path's interface; ``grad_offset`` spoils gradients."""
     def wrap(name):
-        return lambda x: torch.from_numpy(getattr(fastlsm, name)(x.numpy()))
+        def call(x, out=None):
+            assert out is None, "the CUDA run lets fastlsm allocate"
+            return torch.from_numpy(getattr(fastlsm, name)(x.numpy()))
+        return call
 
     def cross_entropy(x, target, return_grad=False, grad_out=None):
         result = fastlsm.cross_entropy(x.numpy(), target.numpy(), return_grad=return_grad,
@@ -60,9 +66,9 @@ def fastlsm_on_torch_cpu(torch, grad_offset=0.0):
 
 @pytest.fixture
 def torch_cpu(monkeypatch):
-    """PyTorch, with ``bench_cuda`` set to run on its CPU tensors."""
+    """PyTorch, with the op table's fastlsm calls set to run on its CPU tensors."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(bench_cuda, "fastlsm", fastlsm_on_torch_cpu(torch))
+    monkeypatch.setattr(ops, "fastlsm", fastlsm_on_torch_cpu(torch))
     monkeypatch.setattr(bench_cuda, "time_call", wall_time)
     return torch
 
@@ -119,7 +125,7 @@ def test_shapes_default_per_device():
     assert args.device == "cpu" and args.shapes is None
     args = parser.parse_args(["--device", "cuda", "--shapes", "64x1000,8x40000"])
     assert args.device == "cuda" and args.shapes == [(64, 1000), (8, 40000)]
-    assert bench_cuda.DEFAULT_CUDA_SHAPES == ((8192, 32000), (65536, 1000), (16384, 131072),
+    assert bench_cuda.DEFAULT_SHAPES == ((8192, 32000), (65536, 1000), (16384, 131072),
                                               (4096, 262144))
     with pytest.raises(SystemExit):
         parser.parse_args(["--device", "tpu"])
@@ -129,45 +135,38 @@ def test_shapes_default_per_device():
 # Pure helpers
 
 
-def test_bytes_moved():
-    n, c = 8192, 32000
-    for op in ("copy", "log_softmax", "softmax", "cross_entropy_grad",
-               "cross_entropy_grad_inplace"):
-        assert bench_cuda.bytes_moved(op, (n, c), "float32") == 2 * n * c * 4
-    for op in ("logsumexp", "cross_entropy"):
-        assert bench_cuda.bytes_moved(op, (n, c), np.dtype("float64")) == n * c * 8
-    # (16384, 131072) float32: 8.6 GB per array
-    assert bench_cuda.bytes_moved("logsumexp", (16384, 131072), "float32") == 2 ** 33
-
-
-def test_selected_ops_follow_ops_names():
-    names = [op.name for op in bench_cuda.selected_ops(ALL_OPS)]
-    assert names == ["log_softmax", "softmax", "logsumexp", "cross_entropy",
-                     "cross_entropy_grad", "cross_entropy_grad_inplace"]
-    assert [op.name for op in bench_cuda.selected_ops(["cross_entropy_grad"])] == [
+def test_cases_follow_ops_names():
+    assert CASE_NAMES == ["log_softmax", "softmax", "logsumexp", "cross_entropy",
+                          "cross_entropy_grad", "cross_entropy_grad_inplace"]
+    assert [case.name for case in bench_cuda.cases(["cross_entropy_grad"])] == [
         "cross_entropy_grad", "cross_entropy_grad_inplace"]
 
 
+def test_refuses_ops_pytorch_lacks(capsys):
+    assert bench.main(["--device", "cuda", "--ops", "softmax_backward"]) == 2
+    assert "PyTorch has no softmax_backward" in capsys.readouterr().err
+
+
 def test_check_rows_takes_both_ends_once():
-    assert bench_cuda.check_rows(3) == [0, 1, 2]
-    assert bench_cuda.check_rows(300, count=256) == list(range(300))
-    rows = bench_cuda.check_rows(10000, count=4)
+    assert cuda_report.check_rows(3) == [0, 1, 2]
+    assert cuda_report.check_rows(300, count=256) == list(range(300))
+    rows = cuda_report.check_rows(10000, count=4)
     assert rows == [0, 1, 2, 3, 9996, 9997, 9998, 9999]
 
 
 def test_checks_scale_their_limits():
     torch = pytest.importorskip("torch")
     logs = torch.tensor([-30.0, -2.0])
-    check = bench_cuda.array_check("abs", logs + 1e-3, logs, 1e-4, log_scale=True)
+    check = cuda_report.array_check("abs", logs + 1e-3, logs, 1e-4, log_scale=True)
     assert check.ok and check.limit == pytest.approx(3e-3)
     # a gradient missing its -1 at the target is off by about 1/N: over a limit scaled to it
     n = 65536
     grad = torch.tensor([1 / n, -1 / n])
-    assert not bench_cuda.array_check("grad", grad + 1 / n, grad, 1e-4, log_scale=False).ok
-    assert not bench_cuda.array_check("abs", logs * np.nan, logs, 1e-4, log_scale=True).ok
-    assert bench_cuda.loss_check(torch.tensor(10.0005), torch.tensor(10.0), 1e-4).ok
-    assert not bench_cuda.loss_check(torch.tensor(10.002), torch.tensor(10.0), 1e-4).ok
-    assert not bench_cuda.loss_check(float("nan"), 10.0, 1e-4).ok
+    assert not cuda_report.array_check("grad", grad + 1 / n, grad, 1e-4, log_scale=False).ok
+    assert not cuda_report.array_check("abs", logs * np.nan, logs, 1e-4, log_scale=True).ok
+    assert cuda_report.loss_check(torch.tensor(10.0005), torch.tensor(10.0), 1e-4).ok
+    assert not cuda_report.loss_check(torch.tensor(10.002), torch.tensor(10.0), 1e-4).ok
+    assert not cuda_report.loss_check(float("nan"), 10.0, 1e-4).ok
 
 
 def test_out_of_memory_is_recognised():
@@ -180,8 +179,10 @@ def test_out_of_memory_is_recognised():
 
 
 def fake_records():
-    Check, Record = bench_cuda.Check, bench_cuda.CudaRecord
-    moved = bench_cuda.bytes_moved
+    Check, Record = cuda_report.Check, cuda_report.CudaRecord
+
+    def moved(name, shape, dtype):
+        return ops.bytes_moved(ops.FLOORS[name] if name == "copy" else ops.OPS[name], shape, dtype)
     return [
         Record("copy", [8192, 32000], "float32", moved("copy", (8192, 32000), "float32"),
                time_s=1e-3, host_s=12e-6, copy_s=1e-3),
@@ -198,7 +199,7 @@ def fake_records():
 
 
 def test_format_rows():
-    text = bench_cuda.format_rows(fake_records())
+    text = cuda_report.format_rows(fake_records())
     header, copy, log_softmax, grad, softmax = text.splitlines()
     assert header.split()[:5] == ["op", "shape", "dtype", "fastlsm", "host"]
     assert "x copy (r+w)" in header and header.endswith("err vs torch")
@@ -218,10 +219,10 @@ def test_format_rows():
 def test_records_pass_and_fail_and_write_json(tmp_path):
     records = fake_records()
     assert [r.passed for r in records] == [True, True, False, False]
-    assert bench_cuda.exit_status(records[:2]) == 0 and bench_cuda.exit_status(records) == 1
+    assert cuda_report.exit_status(records[:2]) == 0 and cuda_report.exit_status(records) == 1
     assert records[1].speedup == 2.0 and records[1].copy_multiple == 1.25
     path = tmp_path / "cuda.json"
-    bench_cuda.write_json(records, str(path))
+    cuda_report.write_json(records, str(path))
     loaded = json.loads(path.read_text())
     assert [r["op"] for r in loaded] == ["copy", "log_softmax", "cross_entropy_grad", "softmax"]
     assert loaded[1]["gbps"] == pytest.approx(records[1].gbps)
@@ -235,7 +236,7 @@ def test_records_pass_and_fail_and_write_json(tmp_path):
 
 def test_pipeline_checks_and_times_every_op(torch_cpu, tmp_path):
     records, text = run_on_cpu([(64, 1000), (600, 50)], dtypes=("float32", "float64"))
-    per_input = ["copy", *bench_cuda.OPS]
+    per_input = ["copy", *CASE_NAMES]
     assert [r.op for r in records] == per_input * 4
     for record in records:
         assert record.passed, record
@@ -250,34 +251,36 @@ def test_pipeline_checks_and_times_every_op(torch_cpu, tmp_path):
     grad = next(r for r in records if r.op == "cross_entropy_grad_inplace")
     assert [c.name for c in grad.checks] == ["loss", "grad"]
     assert len(text.splitlines()) == 1 + len(records)
-    assert bench_cuda.exit_status(records) == 0
+    assert cuda_report.exit_status(records) == 0
 
 
 def test_pipeline_flags_a_wrong_gradient(torch_cpu, monkeypatch):
     # off by 1/N, as a gradient that lost its -1 at the target would be
     n = 4096
-    monkeypatch.setattr(bench_cuda, "fastlsm", fastlsm_on_torch_cpu(torch_cpu, grad_offset=1 / n))
+    monkeypatch.setattr(ops, "fastlsm", fastlsm_on_torch_cpu(torch_cpu, grad_offset=1 / n))
     records, text = run_on_cpu([(n, 100)], ops=["cross_entropy_grad"])
     assert [r.passed for r in records] == [True, False, False]
-    assert bench_cuda.exit_status(records) == 1
+    assert cuda_report.exit_status(records) == 1
     assert text.count("FAIL") == 2
 
 
 def test_pipeline_goes_on_after_oom_and_errors(torch_cpu, monkeypatch, capsys):
-    def out_of_memory(x, target):
+    def out_of_memory(inputs):
         raise torch_cpu.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     def broken(*args):
         raise ValueError("kernel launch failed")
 
-    ops = bench_cuda.OPS
-    monkeypatch.setitem(ops, "softmax", dataclasses.replace(ops["softmax"], torch=out_of_memory))
-    monkeypatch.setitem(ops, "logsumexp",
-                        dataclasses.replace(ops["logsumexp"], fastlsm=broken, check=broken))
+    table = ops.OPS
+    monkeypatch.setitem(table, "softmax", dataclasses.replace(
+        table["softmax"], peers={**table["softmax"].peers, "torch": out_of_memory}))
+    monkeypatch.setitem(table, "logsumexp", dataclasses.replace(table["logsumexp"], call=broken))
     records, text = run_on_cpu([(32, 100)], ops=["log_softmax", "softmax", "logsumexp",
                                                  "cross_entropy"])
     by_op = {r.op: r for r in records}
-    assert by_op["softmax"].torch_s is None and by_op["softmax"].notes == ["torch: oom"]
+    # the check runs PyTorch's call on the same input: out of memory there too
+    assert by_op["softmax"].torch_s is None
+    assert by_op["softmax"].notes == ["check: oom", "torch: oom"]
     assert by_op["softmax"].passed and by_op["softmax"].time_s > 0
     assert by_op["logsumexp"].crashed and not by_op["logsumexp"].passed
     assert by_op["logsumexp"].notes == ["check: ValueError: kernel launch failed",
@@ -286,7 +289,7 @@ def test_pipeline_goes_on_after_oom_and_errors(torch_cpu, monkeypatch, capsys):
     assert by_op["cross_entropy"].passed and by_op["cross_entropy"].time_s > 0
     err = capsys.readouterr().err
     assert err.count("ValueError: kernel launch failed") == 1   # one traceback for both calls
-    assert bench_cuda.exit_status(records) == 1
+    assert cuda_report.exit_status(records) == 1
     softmax_row = next(line for line in text.splitlines() if line.startswith("softmax "))
     assert softmax_row.split()[9] == "oom"
 
@@ -303,7 +306,7 @@ def test_on_the_gpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     records = json.loads(path.read_text())
-    assert [r["op"] for r in records] == ["copy", *bench_cuda.OPS] * 2
+    assert [r["op"] for r in records] == ["copy", *CASE_NAMES] * 2
     for record in records:
         assert record["passed"] and not record["notes"], record
         assert record["time_s"] > 0 and record["host_s"] > 0

@@ -1,4 +1,5 @@
-"""What the benchmark modules share: shapes, inputs, fastlsm's calls and the memory floors.
+"""What the benchmark modules share: shapes and inputs.  The ops (fastlsm's calls, their floors
+and peers) are ``fastlsm bench``'s op table, :data:`fastlsm.bench.ops.OPS`.
 
 No fastlsm kernel runs at import.  asv imports the benchmark modules once and forks every
 benchmark process from that parent (``"launch_method": "forkserver"``); under GNU OpenMP a child
@@ -14,16 +15,13 @@ ratios' sampling: the tests run the real suite and the regression gate that way,
 from __future__ import annotations
 
 import functools
-import math
 import os
-import time
-from typing import Any, Callable
 
 import numba
 import numpy as np
 
-import fastlsm
-from fastlsm.bench import FLOORS, SCALE, Inputs
+from fastlsm.bench.ops import FLOORS, OPS, SCALE, Inputs, for_op
+from fastlsm.bench.timing import Warm, floor_ratio as _floor_ratio
 
 numba.njit(lambda: 0)()   # before the fork, see above: serial, no thread team starts
 
@@ -46,31 +44,6 @@ PEER_SHAPES = (["2000x10", "64x1000", "32x10"] if TINY else
                ["1048576x10", "16384x1000", "32x10"])
 MEDIUM = PEER_SHAPES[1]
 DTYPES = ["float32", "float64"]
-
-# fastlsm's public operations.  Each call takes an Inputs whose ``out`` is preallocated (as the
-# copy floor's is); for the backward ops ``out`` holds the forward output and ``x`` stands in for
-# the incoming gradient.  The second item names the floor the op is measured against.
-OPS: dict[str, tuple[Callable[[Inputs], Any], str]] = {
-    "log_softmax": (lambda i: fastlsm.log_softmax(i.x, out=i.out), "copy"),
-    "softmax": (lambda i: fastlsm.softmax(i.x, out=i.out), "copy"),
-    "logsumexp": (lambda i: fastlsm.logsumexp(i.x), "read"),
-    "log_softmax_backward": (lambda i: fastlsm.log_softmax_backward(i.x, i.out), "add"),
-    "softmax_backward": (lambda i: fastlsm.softmax_backward(i.x, i.out), "add"),
-    "cross_entropy": (lambda i: fastlsm.cross_entropy(i.x, i.target), "read"),
-    "cross_entropy_grad": (lambda i: fastlsm.cross_entropy(i.x, i.target, grad_out=i.out),
-                           "copy"),
-    "nll_loss": (lambda i: fastlsm.nll_loss(i.x, i.target), "gather"),
-}
-
-# The floor of each op: the least memory traffic any implementation needs.  "copy" and "read" are
-# fastlsm bench's; "add" reads two arrays and writes a new one, as the backward ops do; "gather"
-# reads one element a row, as nll_loss does.
-FLOOR_CALLS: dict[str, Callable[[Inputs], Any]] = {
-    "copy": FLOORS["copy"][1],
-    "read": FLOORS["read"][1],
-    "add": lambda i: np.add(i.x, i.out),
-    "gather": lambda i: np.take_along_axis(i.x, i.target[:, None], axis=1).sum(),
-}
 
 _BLOCK = 65521  # prime, so that consecutive rows start at different points of the pattern
 
@@ -107,72 +80,20 @@ def targets(rows: int, classes: int) -> np.ndarray:
     return np.random.default_rng(1).integers(0, classes, size=rows)
 
 
-class Warm:
-    """``call(inp)`` as a call without arguments, run once on creation.
-
-    That first call compiles (or loads from Numba's cache) the kernels this input takes, so that
-    no timed call does; ``first_s`` is how long it took.
-    """
-
-    def __init__(self, call: Callable[[Any], Any], inp: Any):
-        self.call, self.inp = call, inp
-        start = time.perf_counter()
-        call(inp)
-        self.first_s = time.perf_counter() - start
-
-    def __call__(self) -> Any:
-        return self.call(self.inp)
-
-    def calls_per_sample(self, sample_s: float) -> int:
-        """How many calls make a sample of about ``sample_s``.
-
-        A first call that took that long already settles it (one call): inputs of gigabytes are
-        not run once more just to be measured.
-        """
-        took = self.first_s
-        if took < sample_s:
-            start = time.perf_counter()
-            self()
-            took = time.perf_counter() - start
-        return max(1, math.ceil(sample_s / max(took, 1e-7)))
-
-
 @functools.lru_cache(maxsize=1)
-def prepared(op: str, shape: str, dtype: str) -> tuple[Warm, Warm]:
-    """fastlsm's ``op`` and its floor on the same input, both warm.
+def prepared(op_name: str, shape: str, dtype: str) -> tuple[Warm, Warm]:
+    """fastlsm's op and its floor on the same input, both warm.
 
     Memoised: asv calls ``setup()`` again before every timed call.  Raises NotImplementedError,
     which asv reports as a skip, for float64 on the LLM shapes.
     """
     if dtype == "float64" and shape in LLM_SHAPES:
         raise NotImplementedError("float64 LLM-vocabulary logits are left out (see LLM_SHAPES)")
-    call, floor = OPS[op]
-    inp = inputs(shape, dtype)
-    if op.endswith("_backward"):
-        forward = fastlsm.log_softmax if op.startswith("log_") else fastlsm.softmax
-        forward(inp.x, out=inp.out)
-    return Warm(call, inp), Warm(FLOOR_CALLS[floor], inp)
+    op = OPS[op_name]
+    inp = for_op(op, inputs(shape, dtype))
+    return Warm(op.call, inp), Warm(FLOORS[op.floor].call, inp)
 
 
-def _per_call(run: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    return (time.perf_counter() - start) / calls
-
-
-def floor_ratio(run: Warm, floor: Warm, budget_s: float = 0.05 if TINY else 0.5,
-                min_pairs: int = 3) -> float:
-    """Median time of ``run`` over the median time of ``floor``, both warm.
-
-    The two are timed in alternation, so that a slow spell of a shared machine falls on both.
-    Pairs are taken until ``budget_s`` is spent (at least ``min_pairs``); each sample loops its
-    call to about 2 ms so that the timer's resolution does not matter for tiny calls.
-    """
-    loops = [run.calls_per_sample(2e-3), floor.calls_per_sample(2e-3)]
-    ours, floors = [], []
-    deadline = time.perf_counter() + budget_s
-    while len(ours) < min_pairs or time.perf_counter() < deadline:
-        ours.append(_per_call(run, loops[0]))
-        floors.append(_per_call(floor, loops[1]))
-    return round(float(np.median(ours) / np.median(floors)), 4)
+def floor_ratio(run: Warm, floor: Warm) -> float:
+    """:func:`fastlsm.bench.timing.floor_ratio` with the suite's budget: short when ``TINY``."""
+    return _floor_ratio(run, floor, budget_s=0.05 if TINY else 0.5)

@@ -1,7 +1,7 @@
 """Class-chunked cross-entropy on a ``dask.distributed`` LocalCluster: fastlsm's Dask path and
 plain ``dask.array``.
 
-The calls are ``fastlsm bench --dask``'s (:mod:`fastlsm.bench_dask`): float32 logits drawn and
+The calls are ``fastlsm bench --dask``'s (:mod:`fastlsm.bench.cluster`): float32 logits drawn and
 persisted on two single-threaded worker processes, the class axis split in four chunks, the
 ``mean`` loss gathered and the gradient (with ``grad``) persisted on the workers.  fastlsm in one
 process on a NumPy array is ``peers.Contenders``' and ``ops.Time``'s business.  Skipped where Dask
@@ -14,14 +14,14 @@ calls ``setup()`` before every sample), after asv's fork: the workers are spawne
 import functools
 import itertools
 
-from fastlsm import bench_dask
+from fastlsm.bench import cluster as bench_cluster
 
 from . import common
 
 SHAPE = (256, 3200) if common.TINY else (4096, 32000)
 CLASS_CHUNKS = 4
 N_WORKERS = 2
-CONTENDERS = list(bench_dask.DASK_CONTENDERS)
+CONTENDERS = list(bench_cluster.DASK_CONTENDERS)
 
 
 def _require_dask() -> None:
@@ -36,8 +36,8 @@ def _require_dask() -> None:
 def _cluster_inputs():
     """``(client, logits, targets)``: the process's cluster and inputs on it."""
     _require_dask()
-    cluster, client = bench_dask.start_cluster(N_WORKERS)
-    logits, targets = bench_dask.persisted_inputs(client, SHAPE, CLASS_CHUNKS, "float32")
+    cluster, client = bench_cluster.start_cluster(N_WORKERS)
+    logits, targets = bench_cluster.persisted_inputs(client, SHAPE, CLASS_CHUNKS, "float32")
     return client, logits, targets
 
 
@@ -45,7 +45,7 @@ def _cluster_inputs():
 def _warmed(contender: str, grad: bool) -> None:
     """One untimed call a process and benchmark: the workers load the kernels."""
     client, logits, targets = _cluster_inputs()
-    bench_dask.cluster_call(client, contender, logits, targets, grad, "asv-warm-up")()
+    bench_cluster.cluster_call(client, contender, logits, targets, grad, "asv-warm-up")()
 
 
 _labels = itertools.count()   # every sample's graph reads the inputs under names of its own
@@ -65,7 +65,7 @@ class Cluster:
     def setup(self, contender, grad):
         _warmed(contender, grad)
         client, logits, targets = _cluster_inputs()
-        self.call = bench_dask.cluster_call(client, contender, logits, targets, grad,
+        self.call = bench_cluster.cluster_call(client, contender, logits, targets, grad,
                                             f"asv-{next(_labels)}")
 
     def time_cross_entropy(self, contender, grad):
@@ -89,4 +89,4 @@ class Graph:
         rows, classes = SHAPE
         logits = da.zeros(SHAPE, chunks=(rows // 2, classes // CLASS_CHUNKS), dtype="float32")
         targets = da.zeros(rows, chunks=rows // 2, dtype="int64")
-        return bench_dask.tasks_per_chunk(contender, logits, targets, grad)
+        return bench_cluster.tasks_per_chunk(contender, logits, targets, grad)

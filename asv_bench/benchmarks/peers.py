@@ -1,17 +1,16 @@
 """fastlsm beside plain NumPy, SciPy and PyTorch (CPU) on the same inputs.
 
 The contender is a parameter, so one graph of the published report holds fastlsm and its peers
-over time.  The peers are ``fastlsm bench``'s (:data:`fastlsm.bench.OPS`); a peer that is not
-installed, or has no version of an op (SciPy has no fused cross-entropy gradient, none has the
-backward ops or nll_loss), is skipped.  The peers allocate their output; fastlsm writes into a
+over time.  The peers are the op table's (:data:`fastlsm.bench.ops.OPS`, plain NumPy first), on
+``fastlsm bench``'s default ops; a peer that is not installed, or has no version of an op (SciPy
+has no fused cross-entropy gradient), is skipped.  The peers allocate their output; fastlsm writes into a
 preallocated one, as in ``ops.Time``.
 """
 
 import functools
 import importlib
 
-from fastlsm.bench import OPS as BENCH_OPS
-from fastlsm.bench import PEER_MODULES
+from fastlsm.bench.ops import DEFAULT_OPS, OPS, PEER_MODULES, for_op, peers_of
 
 from . import common
 
@@ -23,20 +22,20 @@ def _contender_call(contender, op, shape):
     """``contender``'s ``op`` on a float32 ``shape`` input, warm; NotImplementedError skips."""
     if contender == "fastlsm":
         return common.prepared(op, shape, "float32")[0]
-    call = BENCH_OPS[op].peers.get(contender) if op in BENCH_OPS else None
+    call = peers_of(OPS[op]).get(contender)
     if call is None:
         raise NotImplementedError(f"{contender} has no {op}")
     try:
         importlib.import_module(PEER_MODULES[contender])
     except ImportError as error:
         raise NotImplementedError(f"{contender} is not installed") from error
-    return common.Warm(call, common.inputs(shape, "float32"))
+    return common.Warm(call, for_op(OPS[op], common.inputs(shape, "float32")))
 
 
 class Contenders:
     """Seconds per call, float32, on ``PEER_SHAPES``."""
 
-    params = (CONTENDERS, list(BENCH_OPS), common.PEER_SHAPES)
+    params = (CONTENDERS, list(DEFAULT_OPS), common.PEER_SHAPES)
     param_names = ("contender", "op", "shape")
     timeout = 300
     rounds = 1

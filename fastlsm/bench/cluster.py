@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 import fastlsm
+from fastlsm.bench.ops import SCALE
 
 BLOCK_BYTES = 64 << 20   # rows per chunk are chosen so that a block holds about this much
-SCALE = 3.0              # logits are standard normal * SCALE, as fastlsm bench's
 
 
 def naive_cross_entropy(x, target, return_grad: bool):

@@ -1,0 +1,96 @@
+"""The options of ``fastlsm bench`` and the choice between its CPU, CUDA and Dask runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Sequence
+
+from fastlsm.bench import cluster, cpu, cuda
+from fastlsm.bench.ops import DEFAULT_OPS, OPS
+from fastlsm.bench.timing import shape_str
+
+DESCRIPTION = ("Time fastlsm beside NumPy, SciPy, PyTorch and the memory floors (on the CPU), "
+               "beside PyTorch (on a CUDA GPU), or on a local Dask cluster.")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"8192x32000,32x10"`` -> ``[(8192, 32000), (32, 10)]``."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            rows, cols = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not ROWSxCOLS") from None
+        if rows < 1 or cols < 1:
+            raise argparse.ArgumentTypeError(f"shape {item!r} must be positive")
+        shapes.append((rows, cols))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
+def _choices(kind: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fastlsm bench``."""
+    parser.add_argument("--ops", type=_choices("op", list(OPS)), default=list(DEFAULT_OPS),
+                        help=f"comma list of {', '.join(OPS)} (default: "
+                             f"{','.join(DEFAULT_OPS)}); with --device cuda, those PyTorch has, "
+                             "and cross_entropy_grad also runs in place")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu, or cuda: on an NVIDIA GPU beside PyTorch's CUDA kernels, "
+                             "which needs PyTorch with CUDA and numba-cuda (default: cpu)")
+    # None: each device's own default, which differ.
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="comma list of ROWSxCOLS (default: "
+                             f"{','.join(map(shape_str, cpu.DEFAULT_SHAPES))}; with --device cuda: "
+                             f"{','.join(map(shape_str, cuda.DEFAULT_SHAPES))})")
+    parser.add_argument("--dtype", type=_choices("dtype", ("float32", "float64")),
+                        default=["float32"], help="float32, float64 or both (default: float32)")
+    parser.add_argument("--threads", type=int, help="threads for Numba and PyTorch, cpu only "
+                                                    "(default: all)")
+    parser.add_argument("--repeat", type=int, help="samples per measurement (default: adaptive, "
+                                                   "a time budget per measurement; cuda: 20)")
+    parser.add_argument("--budget", type=float, default=cpu.Config.run_budget_s,
+                        help="seconds the peers may take, split evenly between the cases: a peer "
+                             "slower than 20 ms a call is skipped where it would overrun its "
+                             f"case's share; 0 never skips; cpu only "
+                             f"(default: {cpu.Config.run_budget_s:g})")
+    parser.add_argument("--json", metavar="PATH", help="write the results as a list of records")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against columns "
+                                                       "(needs matplotlib; cpu only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--dask", action="store_true",
+                        help="instead: cross_entropy with its classes split over Dask chunks, on "
+                             "a dask.distributed LocalCluster of 2 worker processes, beside "
+                             "fastlsm in one process and plain dask.array (first --shapes entry, "
+                             "default 4096x32000; needs the dask extra)")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run ``fastlsm bench`` from parsed arguments: on the CPU (:func:`fastlsm.bench.cpu.run_args`),
+    ``--device cuda`` (:func:`fastlsm.bench.cuda.run_args`) or ``--dask``
+    (:func:`fastlsm.bench.cluster.run`); the exit status."""
+    if args.device == "cuda":
+        return cuda.run_args(args)
+    if args.dask:
+        shape = args.shapes[0] if args.shapes else (4096, 32000)
+        print(cluster.run(shape, dtype=args.dtype[0], repeat=args.repeat or 3))
+        return 0
+    return cpu.run_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastlsm.bench [options]``, the same as ``fastlsm bench [options]``."""
+    parser = argparse.ArgumentParser(prog="fastlsm bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_args(parser.parse_args(argv))

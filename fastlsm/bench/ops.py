@@ -1,0 +1,283 @@
+"""The benchmark op table: what ``fastlsm bench`` (CPU and CUDA), the asv suite and the tests time.
+
+One :class:`Op` per public operation: fastlsm's call, a plain NumPy reference, the memory it must
+move, the floor it is measured against and the peers that compute the same thing.  Every call
+takes an :class:`Inputs`: NumPy arrays on the CPU, PyTorch tensors with ``--device cuda``.
+fastlsm is reached through its public API only; the peers are imported when first called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+import fastlsm
+
+SCALE = 3.0   # logits are standard normal * SCALE
+
+
+@dataclass
+class Inputs:
+    """The arrays of one benchmark case.
+
+    ``x`` is the logits (the incoming gradient, for the backward ops), ``target`` one class index
+    a row, ``out`` a preallocated result of ``x``'s shape (``None``: the call allocates) and
+    ``forward`` the forward op's output that a backward op takes (see :func:`for_op`).
+    """
+
+    x: Any
+    target: Any
+    out: Any = None
+    forward: Any = None
+    _torch: tuple[Any, Any] | None = field(default=None, repr=False)
+
+    @property
+    def torch(self) -> tuple[Any, Any]:
+        """``(x, target)`` as PyTorch tensors; NumPy arrays are wrapped without a copy."""
+        if self._torch is None:
+            import torch
+            self._torch = tuple(v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+                                for v in (self.x, self.target))
+        return self._torch
+
+
+Call = Callable[[Inputs], Any]
+
+
+def make_inputs(shape: tuple[int, int], dtype: Any) -> Inputs:
+    """Scaled standard-normal logits from ``default_rng(0)``, random class targets, and ``out``."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=dtype)
+    x *= SCALE
+    target = rng.integers(0, shape[1], size=shape[0], dtype=np.int64)
+    return Inputs(x, target, np.empty_like(x))
+
+
+# -------------------------------------------------------------------------------------------------
+# Plain NumPy, row-wise over the last axis: the NumPy peer, and in float64 the reference.
+
+
+def np_logsumexp(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
+    """``max + log(sum(exp(x - max)))``."""
+    m = x.max(axis=-1, keepdims=True)
+    s = np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    s += m
+    return s if keepdims else s[..., 0]
+
+
+def np_log_softmax(x: np.ndarray) -> np.ndarray:
+    return x - np_logsumexp(x, keepdims=True)
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def np_log_softmax_backward(grad: np.ndarray, output: np.ndarray) -> np.ndarray:
+    return grad - np.exp(output) * grad.sum(axis=-1, keepdims=True)
+
+
+def np_softmax_backward(grad: np.ndarray, output: np.ndarray) -> np.ndarray:
+    return output * (grad - (grad * output).sum(axis=-1, keepdims=True))
+
+
+def np_cross_entropy(x: np.ndarray, target: np.ndarray) -> np.floating:
+    rows = np.arange(x.shape[0])
+    return (np_logsumexp(x) - x[rows, target]).mean()
+
+
+def np_cross_entropy_grad(x: np.ndarray, target: np.ndarray) -> tuple[np.floating, np.ndarray]:
+    rows = np.arange(x.shape[0])
+    lse = np_logsumexp(x, keepdims=True)
+    loss = (lse[:, 0] - x[rows, target]).mean()
+    grad = np.exp(x - lse)
+    grad[rows, target] -= 1
+    grad /= x.shape[0]
+    return loss, grad
+
+
+def np_nll_loss(x: np.ndarray, target: np.ndarray) -> np.floating:
+    return -x[np.arange(x.shape[0]), target].mean()
+
+
+# -------------------------------------------------------------------------------------------------
+# Peers
+
+
+def _torch(name: str) -> Call:
+    """A PyTorch function of the logits, on the last axis."""
+    def call(inp: Inputs) -> Any:
+        import torch
+        return getattr(torch, name)(inp.torch[0], -1)
+    return call
+
+
+def _torch_loss(name: str) -> Call:
+    def call(inp: Inputs) -> Any:
+        import torch.nn.functional as F
+        return getattr(F, name)(*inp.torch)
+    return call
+
+
+def _torch_cross_entropy_grad(inp: Inputs) -> tuple[Any, Any]:
+    import torch.nn.functional as F
+    xt, tt = inp.torch
+    leaf = xt.detach().requires_grad_(True)
+    loss = F.cross_entropy(leaf, tt)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def _scipy(name: str) -> Call:
+    def call(inp: Inputs) -> Any:
+        from scipy import special
+        return getattr(special, name)(inp.x, axis=-1)
+    return call
+
+
+def _scipy_cross_entropy(inp: Inputs) -> Any:
+    from scipy import special
+    rows = np.arange(inp.x.shape[0])
+    return (special.logsumexp(inp.x, axis=-1) - inp.x[rows, inp.target]).mean()
+
+
+PEER_MODULES = {"numpy": "numpy", "scipy": "scipy.special", "torch": "torch"}
+
+
+def available_peers() -> dict[str, str | None]:
+    """Peer name -> version, or ``None`` where it does not import."""
+    found: dict[str, str | None] = {}
+    for peer, module in PEER_MODULES.items():
+        try:
+            importlib.import_module(module)
+            top = sys.modules[module.split(".")[0]]
+            found[peer] = getattr(top, "__version__", "?")
+        except Exception:  # a peer that fails to import for any reason is left out
+            found[peer] = None
+    return found
+
+
+# -------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The least memory traffic any implementation of an op needs, timed as a NumPy call.
+
+    ``elements(n, c)`` counts the elements it reads and writes.
+    """
+
+    name: str
+    call: Call
+    elements: Callable[[int, int], int]
+    reads_target: bool = False
+
+
+FLOORS: dict[str, Floor] = {
+    "copy": Floor("copy floor", lambda i: np.copyto(i.out, i.x), lambda n, c: 2 * n * c),
+    "read": Floor("read floor", lambda i: i.x.sum(), lambda n, c: n * c),
+    # the backward ops read two arrays and write a third
+    "add": Floor("add floor", lambda i: np.add(i.x, i.forward), lambda n, c: 3 * n * c),
+    # nll_loss reads one element a row
+    "gather": Floor("gather floor",
+                    lambda i: np.take_along_axis(i.x, i.target[:, None], axis=1).sum(),
+                    lambda n, c: n, reads_target=True),
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked op.
+
+    ``call`` is fastlsm's, writing into ``inputs.out`` where the API allows (allocating where
+    ``out`` is None); ``reference`` is plain NumPy (:func:`reference_inputs` gives it exact
+    inputs); ``peers`` maps a :data:`PEER_MODULES` name to the same computation there.
+    ``elements(n, c)`` counts the elements the op must read and write, ``reads_target`` adds the
+    int64 targets; ``floor`` names its :data:`FLOORS` entry.  ``forward`` is, for a backward op,
+    the fastlsm forward whose output it takes.  ``log_values``: the array results are logs (their
+    error is judged on ``max(1, |value|)``, see :mod:`fastlsm.bench.cuda`).  ``in_place``: the
+    result may be written over the input (``grad_out=input``).
+    """
+
+    name: str
+    call: Call
+    reference: Call
+    floor: str
+    elements: Callable[[int, int], int]
+    peers: dict[str, Call]
+    reads_target: bool = False
+    forward: Callable[..., Any] | None = None
+    log_values: bool = False
+    in_place: bool = False
+
+
+def _elementwise(n: int, c: int) -> int:
+    return 2 * n * c
+
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("log_softmax", lambda i: fastlsm.log_softmax(i.x, out=i.out),
+       lambda i: np_log_softmax(i.x), "copy", _elementwise,
+       {"scipy": _scipy("log_softmax"), "torch": _torch("log_softmax")}, log_values=True),
+    Op("softmax", lambda i: fastlsm.softmax(i.x, out=i.out),
+       lambda i: np_softmax(i.x), "copy", _elementwise,
+       {"scipy": _scipy("softmax"), "torch": _torch("softmax")}),
+    Op("logsumexp", lambda i: fastlsm.logsumexp(i.x),
+       lambda i: np_logsumexp(i.x), "read", lambda n, c: n * c + n,
+       {"scipy": _scipy("logsumexp"), "torch": _torch("logsumexp")}, log_values=True),
+    Op("log_softmax_backward", lambda i: fastlsm.log_softmax_backward(i.x, i.forward),
+       lambda i: np_log_softmax_backward(i.x, i.forward), "add", lambda n, c: 3 * n * c, {},
+       forward=fastlsm.log_softmax),
+    Op("softmax_backward", lambda i: fastlsm.softmax_backward(i.x, i.forward),
+       lambda i: np_softmax_backward(i.x, i.forward), "add", lambda n, c: 3 * n * c, {},
+       forward=fastlsm.softmax),
+    Op("cross_entropy", lambda i: fastlsm.cross_entropy(i.x, i.target),
+       lambda i: np_cross_entropy(i.x, i.target), "read", lambda n, c: n * c + 1,
+       {"scipy": _scipy_cross_entropy, "torch": _torch_loss("cross_entropy")},
+       reads_target=True),
+    Op("cross_entropy_grad",
+       lambda i: fastlsm.cross_entropy(i.x, i.target, return_grad=True, grad_out=i.out),
+       lambda i: np_cross_entropy_grad(i.x, i.target), "copy", lambda n, c: 2 * n * c + 1,
+       {"torch": _torch_cross_entropy_grad}, reads_target=True, in_place=True),
+    Op("nll_loss", lambda i: fastlsm.nll_loss(i.x, i.target),
+       lambda i: np_nll_loss(i.x, i.target), "gather", lambda n, c: n + 1,
+       {"torch": _torch_loss("nll_loss")}, reads_target=True),
+)}
+
+# What ``fastlsm bench`` runs unless ``--ops`` says otherwise.
+DEFAULT_OPS = ("log_softmax", "softmax", "logsumexp", "cross_entropy", "cross_entropy_grad")
+
+
+def peers_of(op: Op) -> dict[str, Call]:
+    """The op's peers, plain NumPy (its reference, in the input's precision) first."""
+    return {"numpy": op.reference, **op.peers}
+
+
+def for_op(op: Op, inputs: Inputs) -> Inputs:
+    """``inputs`` ready for ``op``: a backward op's ``forward`` computed into ``out``."""
+    if op.forward is None:
+        return inputs
+    return Inputs(inputs.x, inputs.target, inputs.out, op.forward(inputs.x, out=inputs.out))
+
+
+def reference_inputs(inputs: Inputs) -> Inputs:
+    """NumPy ``inputs`` in a higher precision: float64 for float32, ``longdouble`` for float64
+    where it is wider."""
+    dtype = np.dtype(np.float64)
+    if inputs.x.dtype == np.float64 and np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:
+        dtype = np.dtype(np.longdouble)
+    forward = None if inputs.forward is None else inputs.forward.astype(dtype)
+    return Inputs(inputs.x.astype(dtype), inputs.target, None, forward)
+
+
+def bytes_moved(op: Op | Floor, shape: tuple[int, int], dtype: Any) -> int:
+    """Bytes ``op`` must read and write on an ``(N, C)`` input of ``dtype``."""
+    n, c = shape
+    return op.elements(n, c) * np.dtype(dtype).itemsize + (8 * n if op.reads_target else 0)
