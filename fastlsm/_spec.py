@@ -16,6 +16,7 @@ described by its ``shape`` and ``dtype`` attributes, without touching its data.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 NATIVE_FLOATS = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 _FLOAT_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32)}
 REDUCTIONS = ("none", "mean", "sum")
-_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 # --- where an array lives ----------------------------------------------------------------------
@@ -94,8 +95,12 @@ def _numpy_dtype(dtype) -> np.dtype:
 
 
 def as_real_array(x, name: str) -> np.ndarray:
-    """``x`` as a NumPy array of a real dtype (no copy for an ndarray)."""
-    if isinstance(x, np.ndarray):
+    """``x`` as a NumPy array of a real dtype (no copy for an ndarray).
+
+    A subclass of ``ndarray`` is read as its base array: a masked array's mask is ignored, as
+    SciPy's functions ignore it, and the result is a plain ``ndarray``.
+    """
+    if type(x) is np.ndarray:
         array = x
     else:
         try:
@@ -165,6 +170,63 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, within: str,
         raise ValueError(f"{name} has dtype {out_dtype}, expected {dtype}")
     if within == HOST and not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    if within == HOST and _internal_overlap(out):
+        raise ValueError(f"{name} has elements that share memory (a stride of 0, or rows that "
+                         "overlap), so results would overwrite each other; pass an array "
+                         "without overlap")
+
+
+def _internal_overlap(a: np.ndarray) -> bool:
+    """Whether two elements of ``a`` may share memory.
+
+    Axes sorted by stride: each stride must step past everything the smaller ones span.  That
+    clears every layout NumPy makes (any transpose, slice or broadcast-free view); an exotic
+    interleaving it cannot clear is refused, never written wrongly.
+    """
+    span = a.itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < span:
+            return True
+        span = stride * (n - 1) + span
+    return False
+
+
+def shares_memory(a, b) -> bool:
+    """Whether arrays ``a`` and ``b`` may hold the same memory: exactly for NumPy arrays, by
+    the address ranges of device arrays (``__cuda_array_interface__``); never across the two."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b) and np.shares_memory(a, b)
+    if is_cuda_array(a) and is_cuda_array(b):
+        (a_start, a_end), (b_start, b_end) = _device_range(a), _device_range(b)
+        return a_start < b_end and b_start < a_end
+    return False
+
+
+def _device_range(a) -> tuple[int, int]:
+    """The addresses ``[start, end)`` a device array's elements span."""
+    if type(a).__module__.startswith("torch"):
+        # Its interface raises for a tensor that requires grad.
+        shape, itemsize = tuple(a.shape), a.element_size()
+        start, strides = a.data_ptr(), tuple(st * itemsize for st in a.stride())
+    else:
+        # The CUDA simulator's arrays hold a NumPy array, with NumPy's interface.
+        face = (a.__cuda_array_interface__ if hasattr(a, "__cuda_array_interface__")
+                else a._ary.__array_interface__)
+        shape, itemsize = tuple(face["shape"]), np.dtype(face["typestr"]).itemsize
+        start, strides = face["data"][0], face.get("strides") or _c_strides(shape, itemsize)
+    if 0 in shape:
+        return start, start
+    low = sum(st * (n - 1) for st, n in zip(strides, shape) if st < 0)
+    high = sum(st * (n - 1) for st, n in zip(strides, shape) if st > 0)
+    return start + low, start + high + itemsize
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def not_c_contiguous(name: str) -> ValueError:
@@ -234,7 +296,7 @@ def plain_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
             and axis in (1, -1) and plain_rows(input, -1) and input.ndim == 2
             and type(target) is np.ndarray and target.dtype == np.int64
             and target.shape == input.shape[:1] and target.flags.c_contiguous
-            and type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX
+            and type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX
             and reduction in REDUCTIONS and type(label_smoothing) in (int, float)
             and label_smoothing == 0 and type(z_loss) in (int, float) and z_loss == 0)
 
@@ -329,17 +391,24 @@ def _options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[int, flo
         ignore_index = operator.index(ignore_index)
     except TypeError:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
-    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64 (as in PyTorch), got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    label_smoothing = float(label_smoothing)
+    label_smoothing = _real(label_smoothing, "label_smoothing")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    z_loss = float(z_loss)
+    z_loss = _real(z_loss, "z_loss")
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
     return ignore_index, label_smoothing, z_loss
+
+
+def _real(value, name: str) -> float:
+    """A real-number option as a float; anything else (a string, None) is PyTorch's TypeError."""
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _class_axis(shape: tuple[int, ...], axis) -> int:
@@ -416,6 +485,11 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
     else:
         _check_target_shape(logits.shape, class_axis, t.shape)
         _check_class_index_dtype(t.dtype)
+    if grad_out is not None:
+        for name, other in (("target", t), ("weight", w)):
+            if other is not None and shares_memory(grad_out, other.data):
+                raise ValueError(f"grad_out shares memory with {name}, which the gradient would "
+                                 f"overwrite before it is read; pass a grad_out apart from {name}")
     return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, want_grad, grad_out, bool(return_lse), dtype,
                 compute_dtype(dtype))
