@@ -76,9 +76,12 @@ def class_index_loss(x_t, shift, log_s, w_t, smoothing, n_classes, total_weight,
 def class_index_gradient(w_t, smoothing, n_classes, total_weight, z_loss, lse, scale):
     """``(a, b, c)`` of a kept row's class-index gradient, ``grad_j = a * p_j - b * w_j
     - c * [j == t]`` with ``p = softmax(x)``: ``a = scale * ((1 - eps) * w_t + eps / C * W
-    + 2 z lse)``, ``b = scale * eps / C``, ``c = scale * (1 - eps) * w_t``."""
-    a = scale * ((1.0 - smoothing) * w_t + smoothing / n_classes * total_weight
-                 + 2.0 * z_loss * lse)
+    + 2 z lse)``, ``b = scale * eps / C``, ``c = scale * (1 - eps) * w_t``.  Where ``b`` is 0
+    (no smoothing) the kernels leave the ``w_j`` term out: ``0 * w_j`` is nan for a nan weight."""
+    # Without smoothing the weights of other classes play no part: W is left out, so that a
+    # nan or inf weight of a class no row targets does not make every gradient nan (0 * nan).
+    spread = smoothing / n_classes * total_weight if smoothing > 0.0 else 0.0
+    a = scale * ((1.0 - smoothing) * w_t + spread + 2.0 * z_loss * lse)
     return a, scale * smoothing / n_classes, scale * (1.0 - smoothing) * w_t
 
 
