@@ -23,7 +23,16 @@ import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from fastlsm import _spec
+
+
+# A loss without weights reads weights of 1.  Backends keep such arrays between calls for up to
+# this many classes (at most 1 MiB each, for Llama 3's 128,256 classes in float64); for more they
+# make one a call, which is small beside the call's input, rather than keep memory that scales
+# with an input after the call has returned.
+KEPT_UNIT_WEIGHT_CLASSES = 1 << 17
 
 
 class Backend(Protocol):
@@ -168,3 +177,16 @@ def mean_scale(reduction: str, denominator: float) -> float:
     if reduction != "mean":
         return 1.0
     return float("inf") if denominator == 0.0 else 1.0 / denominator
+
+
+def class_indices_int64(flat: np.ndarray, ignore_index: int) -> np.ndarray:
+    """Flat class indices (NumPy) as contiguous int64, for the kernels.
+
+    uint64 values past int64's range would wrap to negative numbers, one of which may be
+    ``ignore_index``: they become a value that is out of range for any class count and is not
+    ``ignore_index``, so the check finds them (and names the original value).
+    """
+    if flat.dtype == np.uint64 and flat.size and flat.max() > _spec.INT64_MAX:
+        beyond = _spec.INT64_MAX - (ignore_index == _spec.INT64_MAX)
+        flat = np.minimum(flat, np.uint64(beyond))
+    return np.ascontiguousarray(flat, dtype=np.int64)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from fastlsm import _spec
-from fastlsm.backends.base import ClassIndexTerms, ProbabilityTerms, mean_scale
+from fastlsm.backends.base import (KEPT_UNIT_WEIGHT_CLASSES, ClassIndexTerms, ProbabilityTerms,
+                                   class_indices_int64, mean_scale)
 from fastlsm.backends.cpu import layout
 from fastlsm.backends.cpu.kernels import backward, loss, softmax
 from fastlsm.backends.cpu import runtime
@@ -79,10 +80,18 @@ def _backward(kernels: RowKernels, spec: _spec.Backward):
 
 # --- losses ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
 def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
-    # Shared by every call without weights; kernels only read it.  (A read-only flag would be a
-    # different Numba type: a second compilation of every loss kernel.)
+    """Weights of 1 (kernels only read them), kept between calls for up to
+    :data:`~fastlsm.backends.base.KEPT_UNIT_WEIGHT_CLASSES` classes."""
+    if n_classes > KEPT_UNIT_WEIGHT_CLASSES:
+        return np.ones(n_classes, dtype)
+    return _kept_unit_weight(n_classes, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    # Shared by the calls without weights.  (A read-only flag would be a different Numba type: a
+    # second compilation of every loss kernel.)
     return np.ones(n_classes, dtype)
 
 
@@ -99,14 +108,16 @@ def checked_class_indices(target: np.ndarray, weight: np.ndarray, ignore_index: 
     """Flat int64 class indices, each in ``[0, C)`` or ``ignore_index`` (an IndexError naming
     the first one that is not, at its position plus ``offsets``: where a block of targets
     starts in the whole array), and the sum of their weights."""
-    flat = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
+    original = target.reshape(-1)
+    flat = class_indices_int64(original, ignore_index)
     first, denominator = loss.check_class_indices(flat, weight, ignore_index)
     if first >= 0:
         position = np.unravel_index(first, target.shape) if target.ndim else ()
         if offsets:
             position = tuple(o + int(i) for o, i in zip(offsets, position))
-        raise _spec.target_out_of_bounds(flat[first], position, weight.shape[0])
+        raise _spec.target_out_of_bounds(original[first], position, weight.shape[0])
     return flat, denominator
+
 
 
 def _logit_rows(spec: _spec.Loss) -> layout.Rows:

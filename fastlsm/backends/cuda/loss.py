@@ -13,7 +13,8 @@ import functools
 import numpy as np
 
 from fastlsm import _spec
-from fastlsm.backends.base import ClassIndexTerms, ProbabilityTerms, mean_scale
+from fastlsm.backends.base import (KEPT_UNIT_WEIGHT_CLASSES, ClassIndexTerms, ProbabilityTerms,
+                                   class_indices_int64, mean_scale)
 from fastlsm.backends.cuda import arrays, launch
 from fastlsm.backends.cuda.arrays import DeviceArray
 from fastlsm.backends.cuda.kernels import reduce
@@ -31,7 +32,10 @@ def _nothing(shape: tuple[int, ...], dtype: np.dtype):
 
 
 def _unit_weight(n_classes: int, dtype: np.dtype):
-    """Weights of 1 on the current GPU, made once per GPU, size and dtype."""
+    """Weights of 1 on the current GPU, made once per GPU, size and dtype up to
+    :data:`~fastlsm.backends.base.KEPT_UNIT_WEIGHT_CLASSES` classes, else for this call."""
+    if n_classes > KEPT_UNIT_WEIGHT_CLASSES:
+        return arrays.cuda().to_device(np.ones(n_classes, dtype))
     return _unit_weight_on(n_classes, dtype, arrays.cuda().get_current_device().uuid)
 
 
@@ -65,14 +69,19 @@ def _class_indices(spec: _spec.Loss, weight, like: DeviceArray):
     view = arrays.on_device(spec.target).view
     shape = spec.target.shape
     n = spec.n_rows
-    flat = in_dtype(view if len(shape) == 1 else view.reshape(n), np.int64, like)
+    original = view if len(shape) == 1 else view.reshape(n)
+    if original.dtype == np.uint64:  # rare: made int64 on the host, as the CPU does
+        flat = arrays.cuda().to_device(class_indices_int64(original.copy_to_host(),
+                                                           spec.ignore_index))
+    else:
+        flat = in_dtype(original, np.int64, like)
     checked = arrays.scratch((2,), np.float64, like)
     launch.launch(reduce.check_targets, 1, reduction_threads(n), flat, weight, spec.ignore_index,
                   checked)
     first_bad, denominator = checked.copy_to_host()
     if first_bad < n:
         bad = int(first_bad)
-        value = int(flat[bad:bad + 1].copy_to_host()[0])
+        value = int(original[bad:bad + 1].copy_to_host()[0])
         position = np.unravel_index(bad, shape) if shape else ()
         raise _spec.target_out_of_bounds(value, position, spec.n_classes)
     return flat, float(denominator)
