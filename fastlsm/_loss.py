@@ -18,7 +18,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, axis: int = 1, return_grad: bool = False,
                   grad_out: Any = None, z_loss: float = 0.0, return_lse: bool = False,
-                  device: str | None = None) -> Any:
+                  grad_loss: Any = None, device: str | None = None) -> Any:
     """Cross-entropy between logits and class indices or class probabilities, fused.
 
     ``log_softmax`` is never materialised: each row of logits is read once for its loss and, with
@@ -54,6 +54,11 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         Adds ``z_loss * lse**2`` to each kept row (PaLM's auxiliary loss).
     return_lse : bool, optional
         Also return each row's log-sum-exp (every row, ignored ones included).
+    grad_loss : float or array_like, optional
+        The gradient of the caller's objective with respect to the returned loss (with
+        ``return_grad`` or ``grad_out``): a number for ``mean``/``sum``, an array of the loss's
+        shape for ``none``.  The gradient returned is then ``loss.backward(grad_loss)``'s in
+        PyTorch.  Default: 1 (for ``none``, ones: the gradient of the sum).
     device : {None, 'auto', 'cpu', 'cuda'}, optional
         Where to compute, as in :func:`fastlsm.log_softmax`; ``input`` decides for ``'auto'``.
         Targets and weights given as NumPy arrays follow device logits to the GPU.  On the GPU,
@@ -75,7 +80,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
     0.5106
     """
-    if base.runs_on_cpu(device) and _spec.plain_cross_entropy(
+    if grad_loss is None and base.runs_on_cpu(device) and _spec.plain_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, axis, grad_out, z_loss,
             return_lse):
         result = base.get("cpu").plain_cross_entropy(input, target, ignore_index, reduction,
@@ -83,19 +88,19 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         if result is not None:
             return result
     spec = _spec.loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                      axis, return_grad, grad_out, return_lse)
+                      axis, return_grad, grad_out, return_lse, grad_loss=grad_loss)
     return base.resolve(spec, device).cross_entropy(spec)
 
 
 def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None,
              ignore_index: int = -100, reduction: str = "mean", *, axis: int = 1,
-             return_grad: bool = False, grad_out: Any = None,
+             return_grad: bool = False, grad_out: Any = None, grad_loss: Any = None,
              device: str | None = None) -> Any:
     """Negative log-likelihood of class indices, from log-probabilities (PyTorch's ``nll_loss``).
 
     ``loss_n = -weight[t_n] * input[n, t_n]``; parameters, shapes and reductions as in
-    :func:`cross_entropy` (class-index targets only, no smoothing; ``device`` too).  With
-    ``return_grad`` (or ``grad_out``) returns ``(loss, grad)``.
+    :func:`cross_entropy` (class-index targets only, no smoothing; ``grad_loss`` and ``device``
+    too).  With ``return_grad`` (or ``grad_out``) returns ``(loss, grad)``.
 
     Examples
     --------
@@ -105,5 +110,5 @@ def nll_loss(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = Non
     0.4904
     """
     spec = _spec.loss(input, target, weight, ignore_index, reduction, 0.0, 0.0, axis, return_grad,
-                      grad_out, False, probabilities_allowed=False)
+                      grad_out, False, probabilities_allowed=False, grad_loss=grad_loss)
     return base.resolve(spec, device).nll_loss(spec)

@@ -370,6 +370,10 @@ class Loss:
     return_lse: bool
     result_dtype: np.dtype
     compute_dtype: np.dtype
+    # The caller's gradient w.r.t. the returned loss (``grad_loss``): a number for a reduced
+    # loss, or per element (the row shape) for ``none``, where ``grad_scale`` stays 1.
+    grad_scale: float = 1.0
+    grad_loss: Argument | None = None
 
     @property
     def n_classes(self) -> int:
@@ -459,7 +463,8 @@ def _check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
 
 
 def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
-         want_grad, grad_out, return_lse, *, probabilities_allowed: bool = True) -> Loss:
+         want_grad, grad_out, return_lse, *, probabilities_allowed: bool = True,
+         grad_loss=None) -> Loss:
     """The spec of ``cross_entropy`` (or, with ``probabilities_allowed=False``, no smoothing and
     no z-loss, ``nll_loss``)."""
     ignore_index, label_smoothing, z_loss = _options(ignore_index, reduction, label_smoothing,
@@ -490,9 +495,32 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
             if other is not None and shares_memory(grad_out, other.data):
                 raise ValueError(f"grad_out shares memory with {name}, which the gradient would "
                                  f"overwrite before it is read; pass a grad_out apart from {name}")
-    return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
+    spec = Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, want_grad, grad_out, bool(return_lse), dtype,
                 compute_dtype(dtype))
+    if grad_loss is not None:
+        _set_grad_loss(spec, grad_loss, within)
+    return spec
+
+
+def _set_grad_loss(spec: Loss, grad_loss, within: str) -> None:
+    """``grad_loss`` checked against the loss it is the gradient of, and put in ``spec``."""
+    if not spec.want_grad:
+        raise ValueError("grad_loss is the gradient of the loss for the returned gradient: it "
+                         "needs return_grad=True or grad_out")
+    if spec.reduction != "none":
+        if not isinstance(grad_loss, numbers.Real) and not (
+                isinstance(grad_loss, np.ndarray) and grad_loss.ndim == 0
+                and grad_loss.dtype.kind in "iuf"):
+            raise TypeError(f"grad_loss must be a real number for reduction={spec.reduction!r} "
+                            f"(the loss is a scalar), got {grad_loss!r}")
+        spec.grad_scale = float(grad_loss)
+        return
+    g = describe(grad_loss, "grad_loss", within)
+    if g.shape != spec.row_shape:
+        raise ValueError(f"grad_loss has shape {g.shape}, expected {spec.row_shape} (the "
+                         "shape of the loss with reduction='none')")
+    spec.grad_loss = g
 
 
 def target_out_of_bounds(value: int, position: tuple[int, ...], n_classes: int) -> IndexError:

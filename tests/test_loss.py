@@ -468,12 +468,14 @@ def test_signatures():
         ("input", P, inspect.Parameter.empty), ("target", P, inspect.Parameter.empty),
         ("weight", P, None), ("ignore_index", P, -100), ("reduction", P, "mean"),
         ("label_smoothing", P, 0.0), ("axis", K, 1), ("return_grad", K, False),
-        ("grad_out", K, None), ("z_loss", K, 0.0), ("return_lse", K, False), ("device", K, None)]
+        ("grad_out", K, None), ("z_loss", K, 0.0), ("return_lse", K, False),
+        ("grad_loss", K, None), ("device", K, None)]
     nll = inspect.signature(fastlsm.nll_loss).parameters
     assert [(n, p.kind, p.default) for n, p in nll.items()] == [
         ("input", P, inspect.Parameter.empty), ("target", P, inspect.Parameter.empty),
         ("weight", P, None), ("ignore_index", P, -100), ("reduction", P, "mean"),
-        ("axis", K, 1), ("return_grad", K, False), ("grad_out", K, None), ("device", K, None)]
+        ("axis", K, 1), ("return_grad", K, False), ("grad_out", K, None), ("grad_loss", K, None),
+        ("device", K, None)]
     assert "cross_entropy" in fastlsm.__all__ and "nll_loss" in fastlsm.__all__
 
 

@@ -153,14 +153,16 @@ def for_block(block) -> Backend:
 class ClassIndexTerms(NamedTuple):
     """The class-index loss kernels' arguments after the targets (in this order): the class
     weights in the compute dtype, their sum (for label smoothing), ``ignore_index``, the label
-    smoothing, the z-loss coefficient and the gradient's ``scale`` (1, or the inverse of the
-    ``mean`` denominator)."""
+    smoothing, the z-loss coefficient, the gradient's ``scale`` (:func:`gradient_scale`) and
+    its ``row_scales`` (float64, one a row, or none: see
+    :func:`fastlsm.backends.formulas.row_scale`)."""
     weight: Any
     total_weight: float
     ignore_index: int
     label_smoothing: float
     z_loss: float
     scale: float
+    row_scales: Any
 
 
 class ProbabilityTerms(NamedTuple):
@@ -169,6 +171,13 @@ class ProbabilityTerms(NamedTuple):
     label_smoothing: float
     z_loss: float
     scale: float
+    row_scales: Any
+
+
+def gradient_scale(spec: _spec.Loss, denominator: float) -> float:
+    """The gradient's factor for every row: :func:`mean_scale` times ``grad_loss`` of a reduced
+    loss (per-row factors, for ``none``, are the backend's ``row_scales``)."""
+    return mean_scale(spec.reduction, denominator) * spec.grad_scale
 
 
 def mean_scale(reduction: str, denominator: float) -> float:

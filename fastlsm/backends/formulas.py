@@ -55,6 +55,14 @@ def reshifted(total, weights, shift, new_shift):
 
 
 @njit(inline="always")
+def row_scale(scale, row_scales, i):
+    """Row ``i``'s gradient scale: ``scale`` (1, or the inverse of the ``mean`` denominator),
+    times the caller's gradient of the row's loss where ``row_scales`` holds one a row
+    (``grad_loss`` with ``reduction='none'``); an empty ``row_scales`` means 1 for every row."""
+    return scale * row_scales[i] if row_scales.shape[0] > 0 else scale
+
+
+@njit(inline="always")
 def class_index_loss(x_t, shift, log_s, w_t, smoothing, n_classes, total_weight, weighted,
                      z_loss, lse):
     """A kept row's class-index loss (PyTorch's):
@@ -78,11 +86,15 @@ def class_index_gradient(w_t, smoothing, n_classes, total_weight, z_loss, lse, s
     - c * [j == t]`` with ``p = softmax(x)``: ``a = scale * ((1 - eps) * w_t + eps / C * W
     + 2 z lse)``, ``b = scale * eps / C``, ``c = scale * (1 - eps) * w_t``.  Where ``b`` is 0
     (no smoothing) the kernels leave the ``w_j`` term out: ``0 * w_j`` is nan for a nan weight."""
-    # Without smoothing the weights of other classes play no part: W is left out, so that a
-    # nan or inf weight of a class no row targets does not make every gradient nan (0 * nan).
-    spread = smoothing / n_classes * total_weight if smoothing > 0.0 else 0.0
+    # Without smoothing the weights of other classes play no part: W and b are left out, so that
+    # a nan or inf weight of a class no row targets, or an infinite scale (weights summing to 0
+    # for ``mean``), does not make every gradient nan (0 * nan, 0 * inf).
+    if smoothing > 0.0:
+        spread, b = smoothing / n_classes * total_weight, scale * smoothing / n_classes
+    else:
+        spread, b = 0.0, 0.0
     a = scale * ((1.0 - smoothing) * w_t + spread + 2.0 * z_loss * lse)
-    return a, scale * smoothing / n_classes, scale * (1.0 - smoothing) * w_t
+    return a, b, scale * (1.0 - smoothing) * w_t
 
 
 @njit(inline="always")

@@ -17,7 +17,7 @@ import numpy as np
 
 from fastlsm import _spec
 from fastlsm.backends.base import (KEPT_UNIT_WEIGHT_CLASSES, ClassIndexTerms, ProbabilityTerms,
-                                   class_indices_int64, mean_scale)
+                                   class_indices_int64, gradient_scale, mean_scale)
 from fastlsm.backends.cpu import layout
 from fastlsm.backends.cpu.kernels import backward, loss, softmax
 from fastlsm.backends.cpu import runtime
@@ -120,6 +120,17 @@ def checked_class_indices(target: np.ndarray, weight: np.ndarray, ignore_index: 
 
 
 
+_NO_ROW_SCALES = np.empty(0)
+
+
+def _row_scales(spec: _spec.Loss) -> np.ndarray:
+    """``grad_loss`` of a ``none`` loss as the kernels' per-row factors (float64, in the order
+    of the rows); none without it."""
+    if spec.grad_loss is None:
+        return _NO_ROW_SCALES
+    return np.ascontiguousarray(spec.grad_loss.data.reshape(-1), dtype=np.float64)
+
+
 def _logit_rows(spec: _spec.Loss) -> layout.Rows:
     # Only once the targets are checked: a transposed layout is copied by a kernel.
     array = spec.input.data
@@ -178,7 +189,7 @@ def _cross_entropy(spec: _spec.Loss):
                                (spec.class_axis,), weight.dtype, weight.dtype).matrix
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
-                                 mean_scale(spec.reduction, denominator))
+                                 gradient_scale(spec, denominator), _row_scales(spec))
         runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, per_row, lse,
                  grad_target)
     else:
@@ -186,7 +197,8 @@ def _cross_entropy(spec: _spec.Loss):
         rows = _logit_rows(spec)
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
-                                spec.z_loss, mean_scale(spec.reduction, denominator))
+                                spec.z_loss, gradient_scale(spec, denominator),
+                                _row_scales(spec))
         runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, per_row, lse, grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, lse if spec.return_lse else None)
 
@@ -198,7 +210,7 @@ def _nll_loss(spec: _spec.Loss):
     grad, grad_target = _grad_arrays(spec, rows)
     per_row = np.empty(flat.shape[0])
     runtime.run(loss.NLL_LOSS, rows.matrix, flat, weight, spec.ignore_index,
-             mean_scale(spec.reduction, denominator), per_row, grad_target)
+                gradient_scale(spec, denominator), _row_scales(spec), per_row, grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, None)
 
 
@@ -260,7 +272,7 @@ class CpuBackend:
         lse = np.empty(n_rows)
         grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
         runtime.run(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
-                 0.0, mean_scale(reduction, denominator), per_row, lse, grad)
+                 0.0, mean_scale(reduction, denominator), _NO_ROW_SCALES, per_row, lse, grad)
         value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
         return (value, grad) if return_grad else value
 

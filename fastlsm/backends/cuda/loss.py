@@ -14,7 +14,7 @@ import numpy as np
 
 from fastlsm import _spec
 from fastlsm.backends.base import (KEPT_UNIT_WEIGHT_CLASSES, ClassIndexTerms, ProbabilityTerms,
-                                   class_indices_int64, mean_scale)
+                                   class_indices_int64, gradient_scale)
 from fastlsm.backends.cuda import arrays, launch
 from fastlsm.backends.cuda.arrays import DeviceArray
 from fastlsm.backends.cuda.kernels import reduce
@@ -44,6 +44,15 @@ def _unit_weight_on(n_classes: int, dtype: np.dtype, device: str):
     # ``device`` (the GPU's uuid) is in the key so that a call on another GPU (made current by
     # torch.cuda.set_device, say) never reads an array that lives on the first.
     return arrays.cuda().to_device(np.ones(n_classes, dtype))
+
+
+def _row_scales(spec: _spec.Loss, like: DeviceArray):
+    """``grad_loss`` of a ``none`` loss as the kernels' per-row factors (float64 on the device,
+    in the order of the rows); an empty array without it."""
+    if spec.grad_loss is None:
+        return _nothing((0,), np.float64)
+    view = arrays.on_device(spec.grad_loss).view
+    return in_dtype(view.reshape(spec.n_rows) if view.ndim != 1 else view, np.float64, like)
 
 
 def _sum_rows(values, divisor: float, out) -> None:
@@ -154,13 +163,14 @@ def cross_entropy(spec: _spec.Loss):
                          spec.compute_dtype).matrix
         kernels = CROSS_ENTROPY_PROBABILITIES
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
-                                 mean_scale(spec.reduction, denominator))
+                                 gradient_scale(spec, denominator), _row_scales(spec, logits))
     else:
         target, denominator = _class_indices(spec, weight, logits)
         rows = to_rows(logits, (spec.class_axis,), spec.compute_dtype)
         kernels = CROSS_ENTROPY
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
-                                spec.z_loss, mean_scale(spec.reduction, denominator))
+                                spec.z_loss, gradient_scale(spec, denominator),
+                                _row_scales(spec, logits))
     matrix = rows.matrix
     per_row = arrays.scratch((matrix.shape[0],), np.float64, logits)
     lse = (arrays.scratch((matrix.shape[0],), matrix.dtype, logits) if spec.return_lse
@@ -178,5 +188,6 @@ def nll_loss(spec: _spec.Loss):
     grad = _grad_target(spec, rows, logits)
     per_row = arrays.scratch((rows.matrix.shape[0],), np.float64, logits)
     launch_rows(NLL_LOSS.rows, rows.matrix.shape[0], rows.classes, rows.matrix, target, weight,
-                spec.ignore_index, mean_scale(spec.reduction, denominator), per_row, grad[2])
+                spec.ignore_index, gradient_scale(spec, denominator), _row_scales(spec, logits),
+                per_row, grad[2])
     return _finish(spec, rows, _reduced(spec, per_row, denominator, logits), grad, None)

@@ -7,11 +7,12 @@ its IndexError then.  ``mean`` divides the sum of all the rows' losses by one de
 the whole array (``sum(weight[target])`` over the kept targets, or the row count for probability
 targets), so chunking never changes the result beyond rounding.
 
-With the class axis in one chunk, every block runs the loss of its data's backend on whole rows
-(with ``reduction='none'``; for ``mean`` the weights and z-loss are scaled by the inverse of the
-denominator, so that each row's loss and gradient are its share of the mean).  With the class axis
-split: partials a block, a merge a row chunk and the gradient a block, through the CPU backend's
-split-row kernels (:mod:`fastlsm.backends.cpu.split`).
+With the class axis in one chunk, every block runs the loss of its data's backend on whole rows,
+with ``reduction='none'`` and, for the gradient, a ``grad_loss`` of each row's factor (the mean's
+``1 / denominator`` times the caller's ``grad_loss``): the gradient is the one the whole array's
+call computes, and the loss is reduced from the rows' own.  With the class axis split: partials a
+block, a merge a row chunk and the gradient a block, through the CPU backend's split-row kernels
+(:mod:`fastlsm.backends.cpu.split`).
 """
 
 from __future__ import annotations
@@ -105,48 +106,63 @@ def _divide_block(total, denominator, *, result_dtype):
         return result_dtype.type(np.float64(float(total)) / np.float64(float(denominator)))
 
 
-def _scaled_mean_block(total, denominator, *, result_dtype):
-    # The terms were scaled by 1 / denominator already; none kept (denominator 0) gives nan.
-    return result_dtype.type(np.nan if float(denominator) == 0.0 else float(total))
-
-
-def _reduce(loss_rows, reduction: str, denominator, dtype: np.dtype, *, scaled: bool):
-    """The per-row losses reduced as asked: cast for ``none``, summed in float64 otherwise.
-
-    ``mean`` divides by ``denominator`` (a float or a 0-d Dask array), unless the losses were
-    ``scaled`` by its inverse already.
-    """
+def _reduce(loss_rows, reduction: str, denominator, dtype: np.dtype):
+    """The per-row losses reduced as asked: cast for ``none``, summed in float64 otherwise, and
+    for ``mean`` divided by ``denominator`` (a float or a 0-d Dask array), as the CPU does."""
     import dask.array as da
     if reduction == "none":
         return loss_rows.astype(dtype)
     total = loss_rows.sum(dtype=np.float64)
     if reduction == "sum":
         return total.astype(dtype)
-    return da.blockwise(_scaled_mean_block if scaled else _divide_block, (), total, (),
-                        *graph.scalar_arg(denominator), meta=np.empty((), dtype),
-                        result_dtype=dtype)
+    return da.blockwise(_divide_block, (), total, (), *graph.scalar_arg(denominator),
+                        meta=np.empty((), dtype), result_dtype=dtype)
 
 
-def _scaled(weight, z_loss: float, scale) -> tuple:
-    """Weights and z-loss scaled by ``scale`` (1, or the inverse of the mean's denominator):
-    every term of the loss and of its gradient is linear in them."""
+def _gradient_scale(spec: _spec.Loss, denominator):
+    """The gradient's factor for every row (a float, or a 0-d Dask array for ``mean``)."""
+    if spec.reduction != "mean":
+        return spec.grad_scale
+    scale = _mean_scale(denominator)
+    return scale * spec.grad_scale if spec.grad_scale != 1.0 else scale
+
+
+def _row_grad_loss(spec: _spec.Loss, x, rows: tuple[int, ...]) -> tuple:
+    """The blockwise argument pair of the caller's per-row ``grad_loss`` (``none``), chunked as
+    the logits' rows; ``(None, None)`` without one."""
+    if spec.grad_loss is None:
+        return None, None
+    chunks = tuple(x.chunks[i] for i in rows)
+    return _chunked_like(spec.grad_loss.data, chunks), rows
+
+
+def _block_grad_loss(row_shape: tuple[int, ...], grad_loss, scale):
+    """A block's per-row ``grad_loss``: the caller's (``none``) times ``scale``, or ``scale``."""
     scale = float(scale)
-    if scale == 1.0:
-        return weight, z_loss
-    with np.errstate(over="ignore", invalid="ignore"):
-        weight = weight * scale
-    return weight, z_loss * scale if z_loss > 0.0 else z_loss
+    if grad_loss is None:
+        return np.full(row_shape, scale)
+    return np.asarray(grad_loss, dtype=np.float64) * scale if scale != 1.0 else grad_loss
+
+
+def _row_scales(grad_loss) -> np.ndarray:
+    """The split kernels' per-row factors from a block of the caller's ``grad_loss`` (none:
+    empty, every row's factor is ``scale``)."""
+    if grad_loss is None:
+        return np.empty(0)
+    return np.ascontiguousarray(np.asarray(grad_loss).reshape(-1), dtype=np.float64)
 
 
 # --- whole rows ----------------------------------------------------------------------------------
 
-def _cross_entropy_rows_block(x_block, target_block, weight, scale, *, class_axis, ignore_index,
-                              label_smoothing, z_loss, return_grad, return_lse):
-    """The loss of a block of whole rows (per row, its share of a mean): per-row losses, then
-    grad and lse as asked."""
-    weight, z_loss = _scaled(weight, z_loss, scale)
+def _cross_entropy_rows_block(x_block, target_block, weight, grad_loss, scale, *, class_axis,
+                              ignore_index, label_smoothing, z_loss, return_grad, return_lse):
+    """The loss of a block of whole rows: per-row losses, then grad (each row's scaled by
+    ``scale`` and the caller's ``grad_loss``) and lse as asked."""
+    row_shape = x_block.shape[:class_axis] + x_block.shape[class_axis + 1:]
     spec = _spec.loss(x_block, target_block, weight, ignore_index, "none", label_smoothing,
-                      z_loss, class_axis, return_grad, None, return_lse)
+                      z_loss, class_axis, return_grad, None, return_lse,
+                      grad_loss=_block_grad_loss(row_shape, grad_loss, scale) if return_grad
+                      else None)
     results = base.for_block(x_block).cross_entropy(spec)
     return results if isinstance(results, tuple) else (results,)
 
@@ -156,18 +172,18 @@ def _cross_entropy_rows(spec: _spec.Loss, x, target, weight, denominator):
     index = tuple(range(x.ndim))
     rows = tuple(i for i in index if i != class_axis)
     target_index = index if target.ndim == x.ndim else rows
-    scaled = spec.reduction == "mean"
-    weight_arg = ((_by_class(x, class_axis, weight), (class_axis,))
-                  if spec.weight is not None or scaled else (None, None))
-    scale = _mean_scale(denominator) if scaled else 1.0
+    weight_arg = ((_by_class(x, class_axis, weight), (class_axis,)) if spec.weight is not None
+                  else (None, None))
+    scale = _gradient_scale(spec, denominator) if spec.want_grad else 1.0
     results = graph.block_results(_cross_entropy_rows_block, x, target, target_index, *weight_arg,
-                                  *graph.scalar_arg(scale), class_axis=class_axis,
+                                  *_row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
+                                  class_axis=class_axis,
                                   ignore_index=spec.ignore_index,
                                   label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
                                   return_grad=spec.want_grad, return_lse=spec.return_lse)
     row_meta = graph.block_meta(x, len(rows), dtype)
     outputs = [_reduce(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
-                       dtype, scaled=scaled)]
+                       dtype)]
     if spec.want_grad:
         outputs.append(graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype)))
     if spec.return_lse:
@@ -196,12 +212,13 @@ def _cross_entropy_merge_block(partials, target_block, *, axes, n_classes, total
     return stats.reshape(row_shape + (LOSS_STATS,))
 
 
-def _cross_entropy_grad_block(x_block, stats, target_block, weight, class_ids, scale, *, axes,
-                              n_classes, ignore_index, label_smoothing, total_weight, z_loss):
+def _cross_entropy_grad_block(x_block, stats, target_block, weight, class_ids, grad_loss, scale,
+                              *, axes, n_classes, ignore_index, label_smoothing, total_weight,
+                              z_loss):
     return split.finish(CROSS_ENTROPY_SPLIT.finish, x_block, axes, _flat(target_block),
                         _first_class(class_ids), weight, ignore_index,
                         stats.reshape(-1, stats.shape[-1]), total_weight, label_smoothing,
-                        n_classes, z_loss, float(scale))
+                        n_classes, z_loss, float(scale), _row_scales(grad_loss))
 
 
 def _probs_partials_block(x_block, y_block, weight, *, axes, n_columns, n_classes,
@@ -217,12 +234,12 @@ def _probs_merge_block(partials, *, axes, z_loss):
     return stats.reshape(row_shape + (LOSS_STATS,))
 
 
-def _probs_grad_block(x_block, stats, y_block, weight, scale, *, axes, n_classes, z_loss,
-                      label_smoothing):
+def _probs_grad_block(x_block, stats, y_block, weight, grad_loss, scale, *, axes, n_classes,
+                      z_loss, label_smoothing):
     return split.finish(PROBABILITIES_SPLIT.finish, x_block, axes,
                         split.matrix_like(x_block, y_block, axes), weight,
                         stats.reshape(-1, stats.shape[-1]), label_smoothing, n_classes, z_loss,
-                        float(scale))
+                        float(scale), _row_scales(grad_loss))
 
 
 def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, denominator):
@@ -248,12 +265,12 @@ def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, deno
         grad_block = _cross_entropy_grad_block
         grad_args = (target, rows, weights, axes, class_ids, axes)
         options.update(ignore_index=spec.ignore_index, total_weight=total_weight)
-    outputs = [_reduce(stats[..., 0], spec.reduction, denominator, dtype, scaled=False)]
+    outputs = [_reduce(stats[..., 0], spec.reduction, denominator, dtype)]
     if spec.want_grad:
-        scale = _mean_scale(denominator) if spec.reduction == "mean" else 1.0
         outputs.append(graph.finish_layer(grad_block, x, stats, axes, dtype, *grad_args,
-                                          *graph.scalar_arg(scale), z_loss=spec.z_loss,
-                                          **options))
+                                          *_row_grad_loss(spec, x, rows),
+                                          *graph.scalar_arg(_gradient_scale(spec, denominator)),
+                                          z_loss=spec.z_loss, **options))
     if spec.return_lse:
         outputs.append(stats[..., 1].astype(dtype))
     return outputs
@@ -278,19 +295,20 @@ def cross_entropy(spec: _spec.Loss):
 
 # --- nll_loss --------------------------------------------------------------------------------
 
-def _nll_block(x_block, target_block, weight, class_ids, scale, *, class_axis, ignore_index,
-               return_grad):
+def _nll_block(x_block, target_block, weight, class_ids, grad_loss, scale, *, class_axis,
+               ignore_index, return_grad):
     """nll_loss of one block of classes: each row's share of the loss (its target's term where
     the target lies in the block, else 0), with the class axis kept as size 1, and the gradient
-    as asked.  ``scale`` as in :func:`_cross_entropy_rows_block`."""
+    as asked (``grad_loss`` and ``scale`` as in :func:`_cross_entropy_rows_block`)."""
     target = _flat(target_block.get() if _spec.is_cuda_array(target_block) else target_block)
     local = target - _first_class(class_ids)
     inside = (target != ignore_index) & (local >= 0) & (local < x_block.shape[class_axis])
     # -1 marks the rows this block adds nothing to: it is never a class of the block.
     local = np.where(inside, local, -1).reshape(target_block.shape)
-    weight = _scaled(weight, 0.0, scale)[0]
     spec = _spec.loss(x_block, local, weight, -1, "none", 0.0, 0.0, class_axis, return_grad,
-                      None, False, probabilities_allowed=False)
+                      None, False, probabilities_allowed=False,
+                      grad_loss=_block_grad_loss(target_block.shape, grad_loss, scale)
+                      if return_grad else None)
     results = base.for_block(x_block).nll_loss(spec)
     loss, *grad = results if return_grad else (results,)
     return (np.expand_dims(loss, class_axis), *grad)
@@ -310,10 +328,11 @@ def nll_loss(spec: _spec.Loss):
     rows = tuple(i for i in index if i != class_axis)
     mean = spec.reduction == "mean"
     denominator = _target_weight_sum(target, weight, spec.ignore_index) if mean else None
-    scale = _mean_scale(denominator) if mean else 1.0
+    scale = _gradient_scale(spec, denominator) if spec.want_grad else 1.0
     results = graph.block_results(_nll_block, x, target, rows, _by_class(x, class_axis, weight),
                                   (class_axis,), _class_ids(x, class_axis), (class_axis,),
-                                  *graph.scalar_arg(scale), class_axis=class_axis,
+                                  *_row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
+                                  class_axis=class_axis,
                                   ignore_index=spec.ignore_index, return_grad=spec.want_grad)
     shares = graph.result(results, 0, index, graph.block_meta(x, x.ndim, dtype),
                           adjust_chunks={class_axis: 1})
@@ -321,7 +340,7 @@ def nll_loss(spec: _spec.Loss):
         loss = da.blockwise(_sum_over_classes_block, rows, shares, index, concatenate=True,
                             meta=graph.block_meta(x, len(rows), dtype), class_axis=class_axis)
     else:
-        loss = _reduce(shares, spec.reduction, denominator, dtype, scaled=True)
+        loss = _reduce(shares, spec.reduction, denominator, dtype)
     if not spec.want_grad:
         return loss
     return loss, graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype))

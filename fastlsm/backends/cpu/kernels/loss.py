@@ -21,7 +21,7 @@ from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows,
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        log_of_sum, probability_gradient, probability_loss,
-                                       smoothed_weight)
+                                       row_scale, smoothed_weight)
 
 
 @njit(cache=True, nogil=True)
@@ -148,7 +148,7 @@ def _target_logit(row, t, ignore_index):
 
 @rowwise
 def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                       loss, lse, grad):
+                       row_scales, loss, lse, grad):
     # Without smoothing the gradient is softmax times a per-row coefficient (minus the target's
     # term): the stats pass stores the exps in `grad` and the second pass only rescales them.
     store_exps = grad.shape[0] > 0 and smoothing == 0.0
@@ -162,13 +162,13 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
         else:
             m, s = row_stats(row, row[:0], row[:0])
         _finish_cross_entropy_row(i, row, x_t, target[i], m, s, maxima, store_exps, weight,
-                                  total_weight, ignore_index, smoothing, z_loss, scale, loss, lse,
-                                  grad)
+                                  total_weight, ignore_index, smoothing, z_loss,
+                                  row_scale(scale, row_scales, i), loss, lse, grad)
 
 
 @rowwise
 def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss,
-                             scale, loss, lse, grad):
+                             scale, row_scales, loss, lse, grad):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
         maxima, sums = tile_stats(x, first, last)
@@ -177,11 +177,11 @@ def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoo
             _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
                                       target[i], maxima[i - first], sums[i - first], row[:0],
                                       False, weight, total_weight, ignore_index, smoothing,
-                                      z_loss, scale, loss, lse, grad)
+                                      z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
 
 
 @rowwise
-def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad):
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, loss, lse, grad):
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
         row, probs = contiguous_row(x, i), contiguous_row(y, i)
@@ -193,13 +193,14 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
         wy_sum, wyx_sum = row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
         loss[i] = probability_loss(wy_sum, wyx_sum, log_s, z_loss, row_lse)
         if want_grad:
+            scale_i = row_scale(scale, row_scales, i)
             write_probability_grad(row, probs, contiguous_row(grad, i), m, s,
-                                   probability_gradient(wy_sum, z_loss, row_lse, scale), weight,
-                                   smoothing, row.shape[0], scale)
+                                   probability_gradient(wy_sum, z_loss, row_lse, scale_i), weight,
+                                   smoothing, row.shape[0], scale_i)
 
 
 @rowwise
-def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad):
+def nll_loss_rows(x, target, weight, ignore_index, scale, row_scales, loss, grad):
     want_grad = grad.shape[0] > 0
     for i in prange(x.shape[0]):
         t = target[i]
@@ -210,7 +211,7 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad):
             dst = contiguous_row(grad, i)
             dst[:] = 0.0
             if not ignored:
-                dst[t] = dst.dtype.type(-scale * weight[t])
+                dst[t] = dst.dtype.type(-row_scale(scale, row_scales, i) * weight[t])
 
 
 CROSS_ENTROPY = RowKernels(rows=cross_entropy_rows, short_rows=cross_entropy_short_rows)

@@ -32,7 +32,7 @@ from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, row_dot, row_max_and_
 from fastlsm.backends.cpu.runtime import Kernel, RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        log_of_sum, probability_gradient, probability_loss,
-                                       rescaled, reshifted)
+                                       rescaled, reshifted, row_scale)
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,8 @@ def softmax_backward_finish_rows(grad_output, output, stats, grad_input):
 
 @rowwise
 def cross_entropy_grad_finish_rows(x, target, first_class, weight, ignore_index, stats,
-                                   total_weight, smoothing, n_classes, z_loss, scale, grad):
+                                   total_weight, smoothing, n_classes, z_loss, scale, row_scales,
+                                   grad):
     """The gradient of class-index cross-entropy over one block of classes, as
     ``cross_entropy_rows`` writes it, from :func:`cross_entropy_merge_rows`'s ``stats``
     (``n_classes`` is the whole row's ``C``)."""
@@ -309,7 +310,8 @@ def cross_entropy_grad_finish_rows(x, target, first_class, weight, ignore_index,
             continue
         row = contiguous_row(x, i)
         p_coef, w_coef, t_coef = class_index_gradient(stats[i, 4], smoothing, n_classes,
-                                                      total_weight, z_loss, stats[i, 1], scale)
+                                                      total_weight, z_loss, stats[i, 1],
+                                                      row_scale(scale, row_scales, i))
         write_softmax_grad(row, dst, m, stats[i, 3], p_coef, weight, w_coef)
         local = t - first_class
         if 0 <= local < row.shape[0]:
@@ -318,7 +320,7 @@ def cross_entropy_grad_finish_rows(x, target, first_class, weight, ignore_index,
 
 @rowwise
 def cross_entropy_probs_grad_finish_rows(x, y, weight, stats, smoothing, n_classes, z_loss,
-                                         scale, grad):
+                                         scale, row_scales, grad):
     """The gradient of probability-target cross-entropy over one block of classes, as
     ``cross_entropy_probs_rows`` writes it, from :func:`cross_entropy_probs_merge_rows`'s
     ``stats`` (``n_classes`` is the whole row's ``C``)."""
@@ -328,9 +330,10 @@ def cross_entropy_probs_grad_finish_rows(x, y, weight, stats, smoothing, n_class
         if not math.isfinite(m):
             dst[:] = np.nan
             continue
-        p_coef = probability_gradient(stats[i, 4], z_loss, stats[i, 1], scale)
+        scale_i = row_scale(scale, row_scales, i)
+        p_coef = probability_gradient(stats[i, 4], z_loss, stats[i, 1], scale_i)
         write_probability_grad(contiguous_row(x, i), contiguous_row(y, i), dst, m, stats[i, 3],
-                               p_coef, weight, smoothing, n_classes, scale)
+                               p_coef, weight, smoothing, n_classes, scale_i)
 
 
 MAX_SUM = RowKernels(rows=max_sum_partials_rows, short_rows=max_sum_partials_short_rows)

@@ -20,6 +20,13 @@ from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, f
 
 
 @cuda.jit(device=True)
+def row_scale(scale, row_scales, row):
+    """:func:`fastlsm.backends.formulas.row_scale`, as a device function: the CUDA simulator
+    cannot hand a device array to an ``njit`` function."""
+    return scale * row_scales[row] if row_scales.shape[0] > 0 else scale
+
+
+@cuda.jit(device=True)
 def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_rows, scratch):
     """``sum_c weight[c] * (x[c] - shift)`` over the group's part of the row (float64), for
     label smoothing."""
@@ -111,7 +118,7 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, s, weighted,
 
 @cuda.jit(cache=True)
 def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                       loss, lse, grad, warp_rows):
+                       row_scales, loss, lse, grad, warp_rows):
     row, rank, size = row_group(warp_rows)
     if not row_in_range(x, row):
         return
@@ -132,7 +139,8 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     x_t = x[row, t] if owns_target else x.dtype.type(0.0)
     leader = owns_target or (ignored and rank == 0)
     finish_cross_entropy(x, row, rank, n, size, leader, cached, m, s, weighted, t, ignored, x_t,
-                         weight, total_weight, smoothing, z_loss, scale, loss, lse, grad)
+                         weight, total_weight, smoothing, z_loss,
+                         row_scale(scale, row_scales, row), loss, lse, grad)
 
 
 # A split row's partials for the loss: ``(m, s, sum_c w_c (x_c - finite_or_zero(m)), sum_c w_c)``
@@ -168,7 +176,7 @@ def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
 
 @cuda.jit(cache=True)
 def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                           partials, loss, lse, grad):
+                           row_scales, partials, loss, lse, grad):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     if segment > 0 and grad.shape[0] == 0:
         return  # the first segment's block writes the loss; without a gradient, nothing else
@@ -189,7 +197,7 @@ def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smooth
         load_row(x, row, start, hi, size, cached)
     finish_cross_entropy(x, row, start, hi, size, segment == 0 and cuda.threadIdx.x == 0, cached,
                          m, s, weighted, t, ignored, x_t, weight, total_weight, smoothing, z_loss,
-                         scale, loss, lse, grad)
+                         row_scale(scale, row_scales, row), loss, lse, grad)
 
 
 @cuda.jit(device=True)
@@ -262,7 +270,8 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
 
 
 @cuda.jit(cache=True)
-def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, grad, warp_rows):
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, loss, lse, grad,
+                             warp_rows):
     row, rank, size = row_group(warp_rows)
     if not row_in_range(x, row):
         return
@@ -278,7 +287,8 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, loss, lse, 
         wy_sum = group_sum(wy_partial, warp_rows, scratch)
         wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
     finish_cross_entropy_probs(x, y, weight, row, rank, n, size, rank == 0, cached, m, s, wy_sum,
-                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad)
+                               wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
+                               lse, grad)
 
 
 # A split row's partials for probability targets: ``(m, s, sum wy, sum wy * (x - finite_or_zero(m)))``
@@ -305,8 +315,8 @@ def cross_entropy_probs_segment_stats(x, y, weight, smoothing, partials):
 
 
 @cuda.jit(cache=True)
-def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, partials, loss, lse,
-                                 grad):
+def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_scales, partials,
+                                 loss, lse, grad):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     if segment > 0 and grad.shape[0] == 0:
         return  # the first segment's block writes the loss; without a gradient, nothing else
@@ -327,11 +337,12 @@ def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, partial
         load_row(x, row, start, hi, size, cached)
     finish_cross_entropy_probs(x, y, weight, row, start, hi, size,
                                segment == 0 and cuda.threadIdx.x == 0, cached, m, s, wy_sum,
-                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad)
+                               wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
+                               lse, grad)
 
 
 @cuda.jit(cache=True)
-def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad, warp_rows):
+def nll_loss_rows(x, target, weight, ignore_index, scale, row_scales, loss, grad, warp_rows):
     row, rank, size = row_group(warp_rows)
     if not row_in_range(x, row):
         return
@@ -344,8 +355,9 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, loss, grad, warp_rows)
     elif ignored and rank == 0:
         loss[row] = 0.0
     if grad.shape[0] > 0:
+        target_grad = 0.0 if ignored else -row_scale(scale, row_scales, row) * weight[t]
         for j in range(rank, grad.shape[1], size):
-            grad[row, j] = -scale * weight[t] if j == t and not ignored else 0.0
+            grad[row, j] = target_grad if j == t else 0.0
 
 
 CROSS_ENTROPY = RowKernels(cross_entropy_rows, cross_entropy_segment_stats, cross_entropy_segments,
