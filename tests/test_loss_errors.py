@@ -71,6 +71,9 @@ def test_target_out_of_range(backend, func, return_grad):
     ei = raises_when_computed(backend, IndexError, r"Target 12 is out of bounds\.", func, x, t,
                               return_grad=return_grad)
     assert_position(str(ei.value), 3)
+    # a target of host data (a list) beside logits on the backend
+    raises_when_computed(backend, IndexError, r"Target 12 is out of bounds\.", func, x,
+                         [1, 0, 4, 12], return_grad=return_grad)
     # the boundary: C itself
     raises_when_computed(backend, IndexError, r"Target 5 is out of bounds\.", func, x,
                          np.array([5, 0, 0, 0]))
