@@ -86,9 +86,9 @@ class Cuda(Backend):
         return self.host(value)
 
     def forbid_kernels(self, monkeypatch) -> None:
-        """Every launch fails but those of the kernels that check class-index targets (and sum
-        the ``mean`` denominator) and of those they need first: the casts of targets and weights
-        and the weights' sum, each into scratch arrays.  The targets' values are known only on
+        """Every launch fails but those of the kernel that checks class-index targets (and sums
+        the ``mean`` denominator) and of those it needs first, casts (of targets and weights)
+        and the weights' sum, all into scratch arrays: the targets' values are known only on
         the device, so these run before an out-of-range target raises."""
         super().forbid_kernels(monkeypatch)
         from fastlsm.backends.cuda import launch, rows
@@ -174,7 +174,7 @@ def raises_on(backend: Backend, exc, pattern: str, asks: str | None = None):
 
 
 def on(*names: str):
-    """Runs a test's ``backend`` only on the backends named (what the others do not have)."""
+    """Runs a test's ``backend`` only on the backends named."""
     chosen = [b for b in BACKENDS if b.name in names]
     return pytest.mark.parametrize("backend", chosen, ids=[b.name for b in chosen], indirect=True)
 
