@@ -1,10 +1,10 @@
 """Argument errors: the exception type, a message naming the argument or the problem, raised
 before any kernel runs, and never a Numba typing error leaking through.
 
-Every test runs on every backend (``backend``: the arrays of a case moved there, its kernels
-forbidden): the contract is the same on all of them, and where a backend refuses what a case asks
-for (:data:`checks.GAPS`) the case expects that refusal.  Each error is raised by the call itself:
-on Dask, while the graph is built.
+The tests run on every backend that their case applies to (``backend``: the arrays of a case
+moved there, its kernels forbidden): the contract is the same on all of them, and where a backend
+refuses what a case asks for (:data:`checks.GAPS`) the case expects that refusal.  Each error is
+raised by the call itself: on Dask, while the graph is built.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 where PyTorch has one), raised before any kernel runs (the launchers are patched to fail), the
 input left unchanged, and never a Numba error leaking through.
 
-Every test runs on every backend (``backend``: the arrays of a case moved there), as in
-test_errors.  An argument error is raised by the call itself (on Dask while the graph is built);
-a target out of range, which only the data shows, may wait until the result is computed.
+Every test runs on every backend (``backend``: the arrays of a case moved there, its kernels
+forbidden), as in test_errors.  An argument error is raised by the call itself (on Dask while the
+graph is built); a target out of range, which only the data shows, may wait until the result is
+computed.
 """
 
 from __future__ import annotations
