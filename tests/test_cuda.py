@@ -197,12 +197,6 @@ def test_axes_and_keepdims(axis, rng):
         check_log(got, expected, F64, "logsumexp")
 
 
-def test_axes_that_are_not_adjacent_are_refused(rng):
-    x = cuda.to_device(logits((3, 5, 4), F64, rng, nonfinite=False))
-    with pytest.raises(ValueError, match="adjacent"):
-        fastlsm.log_softmax(x, axis=(0, 2))
-
-
 @pytest.mark.parametrize("dtype, result", [(np.float16, np.float16), (np.int32, np.float64),
                                            (np.bool_, np.float64)])
 def test_dtypes(dtype, result, rng):
@@ -263,20 +257,11 @@ def test_numpy_out_with_device_cuda(rng):
     check_log(out, ref.log_softmax(x), F64, "log_softmax")
 
 
-def test_wrong_out_is_refused(rng):
+def test_host_out_for_device_input_is_refused(rng):
+    # the other out= errors are test_errors' on every backend
     dx = cuda.to_device(logits(WARP_ROWS, F32, rng, nonfinite=False))
-    with pytest.raises(ValueError, match="shape"):
-        fastlsm.log_softmax(dx, out=cuda.device_array((2, 2), np.float32))
-    with pytest.raises(ValueError, match="dtype"):
-        fastlsm.log_softmax(dx, out=cuda.device_array(WARP_ROWS, np.float64))
     with pytest.raises(TypeError, match="device array"):
         fastlsm.log_softmax(dx, out=np.empty(WARP_ROWS, np.float32))
-
-
-def test_non_contiguous_numba_array_is_refused(rng):
-    dx = cuda.to_device(np.asfortranarray(logits(WARP_ROWS, F32, rng, nonfinite=False)))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        fastlsm.log_softmax(dx)
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -491,20 +476,6 @@ def test_small_grids_do_not_warn(rng):
         fastlsm.cross_entropy(x, np.array([1, 2, 3]))  # one-block target check and mean
         cuda.synchronize()
     assert not [w for w in caught if type(w.message).__name__ == "NumbaPerformanceWarning"]
-
-
-def test_loss_errors_before_any_kernel(rng):
-    x = logits(WARP_ROWS, F32, rng, nonfinite=False)
-    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
-        fastlsm.cross_entropy(x, np.array([0, 1, 2, 3, 4, 9]), device="cuda")
-    with pytest.raises(ValueError, match="batch_size"):
-        fastlsm.cross_entropy(x, np.array([0, 1]), device="cuda")
-    with pytest.raises(TypeError, match="integer class indices"):
-        fastlsm.cross_entropy(x, np.zeros(6), device="cuda")
-    with pytest.raises(ValueError, match="label_smoothing"):
-        fastlsm.cross_entropy(x, np.zeros(6, int), label_smoothing=2.0, device="cuda")
-    with pytest.raises(ValueError, match="weight"):
-        fastlsm.cross_entropy(x, np.zeros(6, int), weight=np.ones(3), device="cuda")
 
 
 # --- choosing the device -------------------------------------------------------------------------
