@@ -108,15 +108,27 @@ def checked_class_indices(target: np.ndarray, weight: np.ndarray, ignore_index: 
     """Flat int64 class indices, each in ``[0, C)`` or ``ignore_index`` (an IndexError naming
     the first one that is not, at its position plus ``offsets``: where a block of targets
     starts in the whole array), and the sum of their weights."""
+    flat, denominator, bad = class_indices_and_error(target, weight, ignore_index, offsets)
+    if bad is not None:
+        raise bad[1]
+    return flat, denominator
+
+
+def class_indices_and_error(target: np.ndarray, weight: np.ndarray, ignore_index: int,
+                            offsets: tuple[int, ...] = ()):
+    """:func:`checked_class_indices`, the error returned rather than raised: ``(flat,
+    denominator, None)``, or ``(flat, None, (position, IndexError))`` for the first target out
+    of range, ``position`` its index in the whole array."""
     original = target.reshape(-1)
     flat = class_indices_int64(original, ignore_index)
     first, denominator = loss.check_class_indices(flat, weight, ignore_index)
-    if first >= 0:
-        position = np.unravel_index(first, target.shape) if target.ndim else ()
-        if offsets:
-            position = tuple(o + int(i) for o, i in zip(offsets, position))
-        raise _spec.target_out_of_bounds(original[first], position, weight.shape[0])
-    return flat, denominator
+    if first < 0:
+        return flat, denominator, None
+    position = tuple(int(i) for i in np.unravel_index(first, target.shape)) if target.ndim else ()
+    if offsets:
+        position = tuple(o + i for o, i in zip(offsets, position))
+    return flat, None, (position, _spec.target_out_of_bounds(original[first], position,
+                                                             weight.shape[0]))
 
 
 

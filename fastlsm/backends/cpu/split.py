@@ -13,7 +13,8 @@ import numpy as np
 
 from fastlsm import _spec
 from fastlsm.backends.cpu import layout, runtime
-from fastlsm.backends.cpu.backend import checked_class_indices, class_weights
+from fastlsm.backends.cpu.backend import (checked_class_indices, class_indices_and_error,
+                                          class_weights)
 from fastlsm.backends.cpu.kernels import partials as kernels
 from fastlsm.backends.cpu.kernels.partials import SplitKernels
 from fastlsm.backends.cpu.runtime import Kernel
@@ -87,8 +88,18 @@ def class_indices(target_block, weight: np.ndarray, ignore_index: int,
     """A block of class indices (NumPy, or a device array copied over) as flat int64, checked
     as the CPU backend checks them (the block starts at ``offsets`` of the whole target array),
     and the sum of their weights."""
-    host = target_block.get() if _spec.is_cuda_array(target_block) else np.asarray(target_block)
-    return checked_class_indices(host, weight, ignore_index, offsets)
+    return checked_class_indices(_host(target_block), weight, ignore_index, offsets)
+
+
+def class_index_error(target_block, weight: np.ndarray, ignore_index: int,
+                      offsets: tuple[int, ...]):
+    """The block's first target out of range, ``(position in the whole array, IndexError)``,
+    or None: what :func:`class_indices` would raise."""
+    return class_indices_and_error(_host(target_block), weight, ignore_index, offsets)[2]
+
+
+def _host(target_block) -> np.ndarray:
+    return target_block.get() if _spec.is_cuda_array(target_block) else np.asarray(target_block)
 
 
 def cross_entropy_partials(block, class_axis: int, target: np.ndarray, first_class: int,

@@ -40,18 +40,41 @@ def _chunked_like(array, chunks: tuple):
     return da.from_array(np.asarray(array), chunks=chunks)
 
 
-def _checked_block(target_block, *, weight, ignore_index, block_info=None):
+def _bad_target_block(target_block, *, weight, ignore_index, block_info=None):
+    """A block's first target out of range, ``(position in the whole array, IndexError)``, or
+    None, as a one-element object array."""
     offsets = tuple(start for start, _ in block_info[0]["array-location"])
-    split.class_indices(target_block, weight, ignore_index, offsets)
+    found = np.empty((1,) * target_block.ndim, dtype=object)
+    found.flat[0] = split.class_index_error(target_block, weight, ignore_index, offsets)
+    return found
+
+
+def _first_bad_target(found):
+    """Raises the error of the first target out of range in the whole array (positions compare
+    in C order), as a call on the whole NumPy array would; else a token to depend on."""
+    bad = [item for item in found.flat if item is not None]
+    if bad:
+        raise min(bad, key=lambda item: item[0])[1]
+    return np.zeros((), np.int8)
+
+
+def _checked_block(target_block, verdict):
     return target_block
 
 
 def _class_index_targets(spec: _spec.Loss, x, weight: np.ndarray):
-    """The targets chunked as the logits' rows, each block checked before it is used."""
+    """The targets chunked as the logits' rows, used only once every block is checked: the
+    error is the first bad target's whatever the chunks, or the order their checks run in."""
+    import dask.array as da
     rows = tuple(c for i, c in enumerate(x.chunks) if i != spec.class_axis)
     target = _chunked_like(spec.target.data, rows)
-    return target.map_blocks(_checked_block, weight=weight, ignore_index=spec.ignore_index,
-                             dtype=target.dtype, meta=target._meta)
+    index = tuple(range(target.ndim))
+    found = target.map_blocks(_bad_target_block, weight=weight, ignore_index=spec.ignore_index,
+                              chunks=tuple((1,) * len(c) for c in target.chunks), dtype=object,
+                              meta=np.empty((0,) * target.ndim, object))
+    verdict = da.blockwise(_first_bad_target, (), found, index, concatenate=True,
+                           meta=np.empty((), np.int8))
+    return target.map_blocks(_checked_block, verdict, dtype=target.dtype, meta=target._meta)
 
 
 def _weight_sum_block(target_block, *, weight, ignore_index):
