@@ -82,8 +82,11 @@ class Cuda(Backend):
 
     def result(self, value):
         if isinstance(value, tuple):
-            return tuple(self.host(v) for v in value)
-        return self.host(value)
+            return tuple(self.result(v) for v in value)
+        if _spec.is_cuda_array(value):
+            value = value.copy_to_host()
+            return value[()] if value.ndim == 0 else value   # a 0-d result as NumPy's scalar
+        return value
 
     def forbid_kernels(self, monkeypatch) -> None:
         """Every launch fails but those of the kernel that checks class-index targets (and sums
@@ -173,28 +176,10 @@ def raises_on(backend: Backend, exc, pattern: str, asks: str | None = None):
     return pytest.raises(exc, match=pattern)
 
 
-def on(*names: str):
+def only_on(*names: str):
     """Runs a test's ``backend`` only on the backends named."""
     chosen = [b for b in BACKENDS if b.name in names]
     return pytest.mark.parametrize("backend", chosen, ids=[b.name for b in chosen], indirect=True)
-
-
-def xfail_on(name: str, reason: str):
-    """Runs a test's ``backend`` on every backend, the one named expected to fail: a discrepancy
-    from the others that ``reason`` names, for the library to fix."""
-    xfail = pytest.mark.xfail(strict=True, reason=reason)
-    return pytest.mark.parametrize("backend", [
-        pytest.param(b, id=b.name, marks=xfail if b.name == name else ()) for b in BACKENDS],
-        indirect=True)
-
-
-@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
-def backend(request, monkeypatch):
-    """Each backend in turn, its kernels forbidden (a test that runs kernels calls
-    ``monkeypatch.undo()``)."""
-    request.param.available()
-    request.param.forbid_kernels(monkeypatch)
-    return request.param
 
 
 def assert_not_numba(excinfo):
@@ -220,3 +205,23 @@ def assert_nonfinite_match(res, expected, what):
     assert not bad.any(), (f"{what}: non-finite result where the expected value is finite, at "
                            f"{np.argwhere(finite)[bad][:10].tolist()}")
     return finite
+
+
+def logits(shape, dtype, rng, nonfinite=True):
+    """Scaled normal logits; with ``nonfinite``, rows that are all -inf, hold +inf, hold a nan,
+    and hold -inf beside finite values (as many of them as there are rows)."""
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    if nonfinite:
+        specials = [np.full(shape[-1], -np.inf), None, None, None]
+        row = x[0].copy()
+        row[1] = np.inf
+        specials[1] = row
+        row = x[0].copy()
+        row[-1] = np.nan
+        specials[2] = row
+        row = x[0].copy()
+        row[: shape[-1] // 2] = -np.inf
+        specials[3] = row
+        for i, special in enumerate(specials[: shape[0]]):
+            x[i] = special
+    return x

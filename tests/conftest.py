@@ -57,6 +57,25 @@ def _simulate_warp_intrinsics() -> None:
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     _simulate_warp_intrinsics()
 
+from checks import BACKENDS  # noqa: E402  (imports Numba: after the simulator is chosen)
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def backend(request, monkeypatch):
+    """Each backend in turn, its kernels forbidden (a test that runs kernels calls
+    ``monkeypatch.undo()``)."""
+    request.param.available()
+    request.param.forbid_kernels(monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def on(request):
+    """Each backend in turn, computing: for the tests of values (a backend that cannot run here
+    is skipped)."""
+    request.param.available()
+    return request.param
+
 
 @pytest.fixture
 def rng():

@@ -27,8 +27,8 @@ import fastlsm
 import loss_reference as loss_ref
 from cuda_compile import signatures
 import reference as ref
-from test_loss import (REDUCTIONS, check_grad, check_lse, check_loss, error_scales,
-                       expected_reference, make_case)
+from checks import logits
+from test_loss import check_grad, check_lse, check_loss, error_scales, make_case
 from test_softmax import (F32, F64, check_backward, check_log, check_prob, lsm_backward_scale,
                           sm_backward_scale)
 
@@ -62,26 +62,6 @@ def streamed(monkeypatch):
 def split_rows(monkeypatch):
     """A GPU of 132 multiprocessors (an H100's), so that up to 66 rows are split into segments."""
     monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
-
-
-def logits(shape, dtype, rng, nonfinite=True):
-    """Scaled normal logits; with ``nonfinite``, rows that are all -inf, hold +inf, hold a nan,
-    and hold -inf beside finite values (as many of them as there are rows)."""
-    x = (rng.standard_normal(shape) * 3).astype(dtype)
-    if nonfinite:
-        specials = [np.full(shape[-1], -INF), None, None, None]
-        row = x[0].copy()
-        row[1] = INF
-        specials[1] = row
-        row = x[0].copy()
-        row[-1] = NAN
-        specials[2] = row
-        row = x[0].copy()
-        row[: shape[-1] // 2] = -INF
-        specials[3] = row
-        for i, special in enumerate(specials[: shape[0]]):
-            x[i] = special
-    return x
 
 
 # --- log_softmax, softmax, logsumexp ------------------------------------------------------------
@@ -186,34 +166,6 @@ def test_split_rows_in_place(split_rows, warp_blocks, monkeypatch, rng):
     check_log(rows.copy_to_host(), ref.log_softmax(x), F64, "log_softmax")
 
 
-@pytest.mark.parametrize("axis", [0, 1, (1, 2), None])
-def test_axes_and_keepdims(axis, rng):
-    x = logits((3, 5, 4), F64, rng, nonfinite=False)
-    check_log(fastlsm.log_softmax(x, axis, device="cuda"), ref.log_softmax(x, axis), F64, "lsm")
-    for keepdims in (False, True):
-        got = fastlsm.logsumexp(x, axis, keepdims=keepdims, device="cuda")
-        expected = ref.logsumexp(x, axis, keepdims=keepdims)
-        assert np.shape(got) == expected.shape
-        check_log(got, expected, F64, "logsumexp")
-
-
-@pytest.mark.parametrize("dtype, result", [(np.float16, np.float16), (np.int32, np.float64),
-                                           (np.bool_, np.float64)])
-def test_dtypes(dtype, result, rng):
-    x = (rng.standard_normal((5, 7)) * 3).astype(dtype)
-    out = fastlsm.log_softmax(x, device="cuda")
-    assert out.dtype == result
-    np.testing.assert_allclose(out, fastlsm.log_softmax(x), rtol=0,
-                               atol=1e-3 if dtype is np.float16 else 1e-12)
-
-
-def test_empty_and_zero_dimensional():
-    assert fastlsm.log_softmax(np.zeros((0, 5)), device="cuda").shape == (0, 5)
-    np.testing.assert_array_equal(fastlsm.logsumexp(np.zeros((3, 0)), device="cuda"), -INF)
-    assert fastlsm.logsumexp(np.float64(2.0), device="cuda") == 2.0
-    assert fastlsm.log_softmax(np.float64(2.0), device="cuda") == 0.0
-
-
 @pytest.mark.parametrize("mode", ["warp", "block", "streamed", "split"])
 def test_backward(mode, monkeypatch, request, rng):
     shape = {"warp": WARP_ROWS, "block": BLOCK_ROWS, "split": (2, 1200)}.get(mode)
@@ -265,33 +217,6 @@ def test_host_out_for_device_input_is_refused(rng):
 
 
 # --- losses ------------------------------------------------------------------------------------
-
-LOSS_CASES = {  # name: (shape name in test_loss.SHAPES, make_case options, loss options)
-    "plain": ("NC", {}, {}),
-    "weights, ignored": ("NC", dict(weighted=True, ignore="-100"), {}),
-    "ignore a class": ("NC", dict(ignore="class0"), dict(label_smoothing=0.1)),
-    "smoothing, weights": ("NCd", dict(weighted=True), dict(label_smoothing=0.3)),
-    "z-loss": ("BTV", {}, dict(z_loss=1e-3)),
-    "probabilities": ("NC", dict(kind="probs", weighted=True), dict(label_smoothing=0.2)),
-    "1-D": ("C", {}, {}),
-}
-
-
-@pytest.mark.parametrize("name", LOSS_CASES)
-def test_cross_entropy(name, rng):
-    shape_name, case_options, options = LOSS_CASES[name]
-    case = make_case(shape_name, rng, dtype=F32, **case_options)
-    for reduction in REDUCTIONS:
-        what = f"{name}, reduction={reduction!r}"
-        exp_loss, exp_grad, exp_lse = expected_reference(case, reduction, **options)
-        scales = error_scales(case, reduction, **options)
-        loss, grad, lse = fastlsm.cross_entropy(case.x, case.target, reduction=reduction,
-                                                return_grad=True, return_lse=True,
-                                                device="cuda", **options, **case.kwargs)
-        check_loss(loss, exp_loss, scales, F32, reduction, case.row_shape, f"{what} loss")
-        check_grad(grad, exp_grad, scales, case.x, F32, f"{what} grad")
-        check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
-
 
 def test_cross_entropy_long_rows(streamed, rng):
     x = logits((4, streamed), F64, rng)
@@ -381,16 +306,19 @@ def test_cross_entropy_probabilities_split_rows(split_rows, warp_blocks, monkeyp
         fastlsm.cross_entropy(x[finite], y[finite], **options), rtol=1e-12)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_nll_loss(reduction, rng):
-    case = make_case("NCd", rng, weighted=True, ignore="-100")
-    exp_loss, exp_grad = loss_ref.nll_loss(case.x, case.target, case.weight, case.ignore_index,
-                                           reduction, axis=case.axis)
-    scales = error_scales(case, reduction, nll=True)
-    loss, grad = fastlsm.nll_loss(case.x, case.target, reduction=reduction, return_grad=True,
-                                  device="cuda", **case.kwargs)
-    check_loss(loss, exp_loss, scales, F64, reduction, case.row_shape, "nll_loss")
-    check_grad(grad, exp_grad, scales, case.x, F64, "nll_loss grad")
+def test_split_rows_take_each_rows_grad_loss(split_rows, warp_blocks, monkeypatch, rng):
+    """``grad_loss`` of a ``none`` loss reaches both segments of every row, for class indices
+    and probabilities: the CPU's gradient (test_backends checks the CPU's)."""
+    monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
+    x = rng.standard_normal((3, 1200))
+    grad_loss = np.array([0.5, -2.0, 3.0])
+    for target in (np.array([0, 599, 600]), rng.dirichlet(np.ones(1200), 3)):
+        options = dict(reduction="none", return_grad=True, grad_loss=grad_loss,
+                       label_smoothing=0.1)
+        expected = fastlsm.cross_entropy(x, target, **options)
+        got = fastlsm.cross_entropy(x, target, device="cuda", **options)
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("shape", [WARP_ROWS, BLOCK_ROWS], ids=["warp", "block"])

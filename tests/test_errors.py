@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-from checks import assert_not_numba, backend, on, raises_on  # noqa: F401  (backend: fixture)
+from checks import assert_not_numba, only_on, raises_on
 
 AxisError = np.exceptions.AxisError
 
@@ -100,7 +100,7 @@ NOT_ARRAYS = {
 }
 
 
-@on("cpu")  # not arrays: host data whatever the backend, so one run says it all
+@only_on("cpu")  # not arrays: host data whatever the backend, so one run says it all
 @pytest.mark.parametrize("func", ALL)
 @pytest.mark.parametrize("case", list(NOT_ARRAYS))
 def test_non_arrays_raise_fastlsm_errors(backend, func, case):
@@ -213,7 +213,7 @@ def test_out_dtype_must_equal_result_dtype(backend, name):
                        np.zeros((2, 3), out_dtype))
 
 
-@on("cpu", "dask")  # a device array has no read-only flag
+@only_on("cpu", "dask")  # a device array has no read-only flag
 def test_out_read_only(backend):
     x = backend.array(np.linspace(-1, 1, 24).reshape(2, 3, 4))
     for f, shape in [(fastlsm.log_softmax, (2, 3, 4)), (fastlsm.softmax, (2, 3, 4)),

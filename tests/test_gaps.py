@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-from checks import BACKENDS, GAPS, assert_not_numba, backend  # noqa: F401  (backend: fixture)
+from checks import BACKENDS, GAPS, assert_not_numba
 
 X = np.linspace(-2, 2, 24).reshape(2, 3, 4)
 T = np.array([[0, 2, 1, 0], [1, 1, 2, 0]])
