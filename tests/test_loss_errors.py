@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-from checks import assert_not_numba, backend, raises_on, xfail_on  # noqa: F401  (backend: fixture)
+from checks import assert_not_numba, raises_on
 
 
 def _raises(backend, computed, exc, pattern, func, x, *args, **kwargs):
@@ -87,11 +87,9 @@ def test_target_out_of_range(backend, func, return_grad):
 
 
 @BOTH
-@xfail_on("dask", "Dask reports the bad target of the block whose check runs first (here the "
-                  "second: 'Target 7 ... (target[2] ...)'), not the first in the array as the "
-                  "CPU and CUDA do")
 def test_first_bad_target_is_reported(backend, func):
-    # after an ignored one; the second bad one (7) lies in Dask's second block of rows
+    # after an ignored one; the second bad one (7) lies in Dask's second block of rows, whose
+    # check may run first
     raises_when_computed(backend, IndexError, r"Target 12 is out of bounds\.", func, logits(4, 5),
                          np.array([-100, 12, 7, 0]))
 
@@ -352,3 +350,30 @@ def test_valid_edge_arguments_are_accepted(backend, monkeypatch):
     assert finite(backend, fastlsm.cross_entropy, x, np.array([0, -7, 2, 3]), ignore_index=-7)
     assert finite(backend, fastlsm.cross_entropy, x, np.array([0, -7, 2, 3]),
                   ignore_index=np.int64(-7))
+
+
+# --- grad_loss ------------------------------------------------------------------------------------
+
+@BOTH
+def test_grad_loss_needs_a_gradient(backend, func):
+    raises(backend, ValueError, r"^grad_loss is the gradient of the loss for the returned "
+           r"gradient: it needs return_grad=True or grad_out", func, logits(4, 5),
+           np.array([0, 1, 2, 3]), grad_loss=2.0)
+
+
+@BOTH
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("grad_loss", ["1", np.ones(4), [1.0]], ids=["str", "array", "list"])
+def test_grad_loss_of_a_reduced_loss_is_a_number(backend, func, reduction, grad_loss):
+    raises(backend, TypeError, rf"^grad_loss must be a real number for reduction='{reduction}'",
+           func, logits(4, 5), np.array([0, 1, 2, 3]), reduction=reduction, return_grad=True,
+           grad_loss=grad_loss)
+
+
+@BOTH
+@pytest.mark.parametrize("shape", [(3,), (4, 1), ()])
+def test_grad_loss_of_none_has_the_loss_shape(backend, func, shape):
+    raises(backend, ValueError, rf"^grad_loss has shape {re.escape(str(shape))}, expected "
+           r"\(4,\) \(the shape of the loss with reduction='none'\)", func, logits(4, 5),
+           np.array([0, 1, 2, 3]), reduction="none", return_grad=True,
+           grad_loss=np.ones(shape))
