@@ -65,9 +65,14 @@ def placement(x) -> str:
 
 # --- dtypes ------------------------------------------------------------------------------------
 
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """``ml_dtypes.bfloat16``, known by its name: fastlsm never imports ml_dtypes."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
-    """SciPy's rule: floats keep their dtype, integers and bool become float64."""
-    if dtype in NATIVE_FLOATS:
+    """SciPy's rule: floats keep their dtype (bfloat16 too), integers and bool become float64."""
+    if dtype in NATIVE_FLOATS or is_bfloat16(dtype):
         return dtype
     if dtype.kind in "biu":
         return np.dtype(np.float64)
@@ -80,7 +85,9 @@ def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float16 is computed in float32; every other result dtype is computed as itself."""
+    """float16 and bfloat16 are computed in float32; every other result dtype as itself."""
+    if is_bfloat16(dtype):
+        return np.dtype(np.float32)
     return _FLOAT_COMPUTE.get(dtype, dtype)
 
 
@@ -455,7 +462,7 @@ def _check_class_index_dtype(dtype: np.dtype) -> None:
 
 def _check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
     """PyTorch's two refusals for a target of class probabilities (the input's shape)."""
-    if dtype.kind != "f":
+    if dtype.kind != "f" and not is_bfloat16(dtype):
         raise TypeError("Expected floating point type for target with class probabilities, "
                         f"got {dtype}")
     if ignore_index >= 0:

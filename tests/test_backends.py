@@ -199,3 +199,67 @@ def test_mean_over_weights_summing_to_zero(on, rng):
     np.testing.assert_array_equal(grad, expected[1])
     assert on.result(fastlsm.nll_loss(on.array(x), on.array(target), on.array(weight))) == (
         fastlsm.nll_loss(x, target, weight))
+
+
+# --- bfloat16 ------------------------------------------------------------------------------------
+
+def bfloat16_or_skip(on):
+    """ml_dtypes' bfloat16 (the test extra has it); CUDA's refusal is test_cuda's."""
+    if on.name == "cuda":
+        pytest.skip("bfloat16 is a gap on CUDA (test_cuda checks the refusal)")
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+def as_bfloat16(values, bfloat16):
+    return np.asarray(values, np.float32).astype(bfloat16)
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+def test_bfloat16_is_float32_rounded_once(on, name, rng):
+    """Computed in float32 from the exact float32 value of each input, returned rounded to the
+    nearest bfloat16 (ties to even): the float32 call's answer, rounded, bit for bit."""
+    bfloat16 = bfloat16_or_skip(on)
+    x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
+    function = getattr(fastlsm, name)
+    got = on.result(function(on.array(x)))
+    assert got.dtype == bfloat16
+    np.testing.assert_array_equal(got.view(np.uint16),
+                                  function(x.astype(F32)).astype(bfloat16).view(np.uint16))
+    exact = getattr(ref, name)(x.astype(F64))
+    np.testing.assert_allclose(got.astype(F64), exact, rtol=2.0 ** -8, atol=2.0 ** -16)
+
+
+def test_bfloat16_losses(on, rng):
+    bfloat16 = bfloat16_or_skip(on)
+    x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
+    target = np.array([0, 5, 39, -100, 7, 3])
+    weight = as_bfloat16(rng.uniform(0.5, 2.0, 40), bfloat16)
+    for args in ((target,), (target, weight), (fastlsm.softmax(x),)):
+        loss, grad = on.result(fastlsm.cross_entropy(on.array(x), *map(on.array, args),
+                                                     return_grad=True, label_smoothing=0.1))
+        exact = [a.astype(F32) if a.dtype == bfloat16 else a for a in args]
+        expected = fastlsm.cross_entropy(x.astype(F32), *exact, return_grad=True,
+                                         label_smoothing=0.1)
+        assert type(loss) is bfloat16.type and grad.dtype == bfloat16
+        assert float(loss) == float(bfloat16.type(expected[0]))
+        np.testing.assert_array_equal(grad.view(np.uint16),
+                                      expected[1].astype(bfloat16).view(np.uint16))
+    loss, grad = on.result(fastlsm.nll_loss(on.array(fastlsm.log_softmax(x)), on.array(target),
+                                            return_grad=True))
+    assert type(loss) is bfloat16.type and grad.dtype == bfloat16
+
+
+def test_bfloat16_outputs(rng):
+    """``out=`` and ``grad_out=`` in bfloat16 (the CPU: Dask takes no ``out=``)."""
+    bfloat16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
+    out = np.empty_like(x)
+    assert fastlsm.log_softmax(x, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), fastlsm.log_softmax(x).view(np.uint16))
+    target = np.array([0, 5, 39, -100, 7, 3])
+    expected = fastlsm.cross_entropy(x, target, return_grad=True)
+    loss, grad = fastlsm.cross_entropy(x, target, grad_out=x)
+    assert grad is x and loss == expected[0]
+    np.testing.assert_array_equal(x.view(np.uint16), expected[1].view(np.uint16))
+    with pytest.raises(ValueError, match=r"^out has dtype float32, expected bfloat16"):
+        fastlsm.softmax(as_bfloat16(np.ones((2, 3)), bfloat16), out=np.empty((2, 3), F32))

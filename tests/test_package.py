@@ -20,6 +20,18 @@ def test_import_does_not_load_numba():
     assert proc.stdout.strip() == "False"
 
 
+def test_calls_do_not_import_ml_dtypes():
+    """bfloat16 is known by its dtype's name: a call on other data leaves ml_dtypes unloaded."""
+    proc = run_python("""
+        import sys, numpy as np, fastlsm
+        fastlsm.log_softmax(np.ones((2, 3)))
+        fastlsm.cross_entropy(np.ones((2, 3)), np.array([0, 1]), label_smoothing=0.1)
+        print("ml_dtypes" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
 def test_cli_info_reports_versions_threads_and_cache():
     proc = subprocess.run([sys.executable, "-m", "fastlsm.cli", "info"], capture_output=True,
                           text=True, timeout=300)
