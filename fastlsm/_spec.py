@@ -86,9 +86,9 @@ def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float16 and bfloat16 are computed in float32; every other result dtype as itself."""
-    if is_bfloat16(dtype):
-        return np.dtype(np.float32)
-    return _FLOAT_COMPUTE.get(dtype, dtype)
+    if dtype in NATIVE_FLOATS:
+        return dtype
+    return np.dtype(np.float32) if is_bfloat16(dtype) else _FLOAT_COMPUTE.get(dtype, dtype)
 
 
 def _numpy_dtype(dtype) -> np.dtype:
