@@ -3,8 +3,8 @@
 The contender is a parameter, so one graph of the published report holds fastlsm and its peers
 over time.  The peers are the op table's (:data:`fastlsm.bench.ops.OPS`, plain NumPy first), on
 ``fastlsm bench``'s default ops; a peer that is not installed, or has no version of an op (SciPy
-has no fused cross-entropy gradient), is skipped.  The peers allocate their output; fastlsm writes into a
-preallocated one, as in ``ops.Time``.
+has no fused cross-entropy gradient), is skipped.  The peers allocate their output; fastlsm
+writes into a preallocated one, as in ``ops.Time``.
 """
 
 import functools

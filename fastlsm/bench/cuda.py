@@ -1,10 +1,11 @@
 """``fastlsm bench --device cuda``: fastlsm on an NVIDIA GPU beside PyTorch's CUDA kernels.
 
 Inputs are PyTorch CUDA tensors, which fastlsm reads in place and answers with PyTorch tensors
-(:mod:`fastlsm.backends.cuda`), so both sides allocate their outputs the same way.  For every dtype and
-shape: first ``dst.copy_(x)`` into a preallocated tensor, the memory floor (it reads and writes
-``N*C`` elements); then each op, checked against PyTorch and timed with CUDA events (the median of
-``--repeat`` calls after :data:`WARMUP_CALLS` untimed ones, which also compile the kernels).
+(:mod:`fastlsm.backends.cuda`), so both sides allocate their outputs the same way.  For every
+dtype and shape: first ``dst.copy_(x)`` into a preallocated tensor, the memory floor (it reads
+and writes ``N*C`` elements); then each op, checked against PyTorch and timed with CUDA events
+(the median of ``--repeat`` calls after :data:`WARMUP_CALLS` untimed ones, which also compile
+the kernels).
 fastlsm's row also gives its *host* time, how long the Python call takes to return: where that
 is close to the event time, the GPU waited on the host (launches, wrapping arrays, the target
 check's copy back), not on memory.

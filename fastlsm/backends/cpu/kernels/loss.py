@@ -80,7 +80,7 @@ def _nan_row(loss, grad, i):
 @njit(inline="always")
 def write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
     """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``; without
-    the weights where ``w_coef`` is 0 (see :func:`~fastlsm.backends.formulas.class_index_gradient`)."""
+    the weights where ``w_coef`` is 0 (:func:`~fastlsm.backends.formulas.class_index_gradient`)."""
     c_shift = row.dtype.type(shift)
     a = row.dtype.type(p_coef / s)
     b = row.dtype.type(w_coef)
