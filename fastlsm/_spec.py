@@ -389,8 +389,7 @@ class Loss:
     @property
     def row_shape(self) -> tuple[int, ...]:
         """The input's shape without the class axis: one loss per element."""
-        shape = self.input.shape
-        return shape[:self.class_axis] + shape[self.class_axis + 1:]
+        return _without_axis(self.input.shape, self.class_axis)
 
     @property
     def n_rows(self) -> int:
@@ -439,7 +438,7 @@ def _class_axis(shape: tuple[int, ...], axis) -> int:
 
 def _check_target_shape(input_shape: tuple[int, ...], class_axis: int,
                         target_shape: tuple[int, ...]) -> None:
-    expected = input_shape[:class_axis] + input_shape[class_axis + 1:]
+    expected = _without_axis(input_shape, class_axis)
     if target_shape == expected:
         return
     if len(input_shape) == 1:
@@ -502,32 +501,38 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
             if other is not None and shares_memory(grad_out, other.data):
                 raise ValueError(f"grad_out shares memory with {name}, which the gradient would "
                                  f"overwrite before it is read; pass a grad_out apart from {name}")
-    spec = Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
+    grad_scale, grad_loss = _grad_loss(grad_loss, want_grad, reduction,
+                                       _without_axis(logits.shape, class_axis), within)
+    return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, want_grad, grad_out, bool(return_lse), dtype,
-                compute_dtype(dtype))
-    if grad_loss is not None:
-        _set_grad_loss(spec, grad_loss, within)
-    return spec
+                compute_dtype(dtype), grad_scale, grad_loss)
 
 
-def _set_grad_loss(spec: Loss, grad_loss, within: str) -> None:
-    """``grad_loss`` checked against the loss it is the gradient of, and put in ``spec``."""
-    if not spec.want_grad:
+def _without_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1:]
+
+
+def _grad_loss(grad_loss, want_grad: bool, reduction: str, row_shape: tuple[int, ...],
+               within: str) -> tuple[float, Argument | None]:
+    """``(grad_scale, grad_loss)`` of :class:`Loss`: ``grad_loss`` checked against the loss it
+    is the gradient of."""
+    if grad_loss is None:
+        return 1.0, None
+    if not want_grad:
         raise ValueError("grad_loss is the gradient of the loss for the returned gradient: it "
                          "needs return_grad=True or grad_out")
-    if spec.reduction != "none":
+    if reduction != "none":
         if not isinstance(grad_loss, numbers.Real) and not (
                 isinstance(grad_loss, np.ndarray) and grad_loss.ndim == 0
                 and grad_loss.dtype.kind in "iuf"):
-            raise TypeError(f"grad_loss must be a real number for reduction={spec.reduction!r} "
+            raise TypeError(f"grad_loss must be a real number for reduction={reduction!r} "
                             f"(the loss is a scalar), got {grad_loss!r}")
-        spec.grad_scale = float(grad_loss)
-        return
+        return float(grad_loss), None
     g = describe(grad_loss, "grad_loss", within)
-    if g.shape != spec.row_shape:
-        raise ValueError(f"grad_loss has shape {g.shape}, expected {spec.row_shape} (the "
+    if g.shape != row_shape:
+        raise ValueError(f"grad_loss has shape {g.shape}, expected {row_shape} (the "
                          "shape of the loss with reduction='none')")
-    spec.grad_loss = g
+    return 1.0, g
 
 
 def target_out_of_bounds(value: int, position: tuple[int, ...], n_classes: int) -> IndexError:

@@ -131,7 +131,6 @@ def class_indices_and_error(target: np.ndarray, weight: np.ndarray, ignore_index
                                                              weight.shape[0]))
 
 
-
 _NO_ROW_SCALES = np.empty(0)
 
 

@@ -160,10 +160,11 @@ def _row_grad_loss(spec: _spec.Loss, x, rows: tuple[int, ...]) -> tuple:
 
 
 def _block_grad_loss(row_shape: tuple[int, ...], grad_loss, scale):
-    """A block's per-row ``grad_loss``: the caller's (``none``) times ``scale``, or ``scale``."""
+    """A block's per-row ``grad_loss``: the caller's (``none``) times ``scale``, or ``scale``
+    (None for 1: the block's own gradient)."""
     scale = float(scale)
     if grad_loss is None:
-        return np.full(row_shape, scale)
+        return None if scale == 1.0 else np.full(row_shape, scale)
     return np.asarray(grad_loss, dtype=np.float64) * scale if scale != 1.0 else grad_loss
 
 
