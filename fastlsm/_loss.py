@@ -18,7 +18,8 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, axis: int = 1, return_grad: bool = False,
                   grad_out: Any = None, z_loss: float = 0.0, return_lse: bool = False,
-                  grad_loss: Any = None, device: str | None = None) -> Any:
+                  grad_loss: Any = None, softcap: float | None = None,
+                  device: str | None = None) -> Any:
     """Cross-entropy between logits and class indices or class probabilities, fused.
 
     ``log_softmax`` is never materialised: each row of logits is read once for its loss and, with
@@ -54,6 +55,10 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         Adds ``z_loss * lse**2`` to each kept row (PaLM's auxiliary loss).
     return_lse : bool, optional
         Also return each row's log-sum-exp (every row, ignored ones included).
+    softcap : float, optional
+        Gemma 2's final-logit soft-capping: the loss is taken on ``softcap * tanh(input /
+        softcap)``, in the same pass, and the gradient returned is with respect to the raw
+        ``input``.  A positive finite number, or None (the default) for none.
     grad_loss : float or array_like, optional
         The gradient of the caller's objective with respect to the returned loss (with
         ``return_grad`` or ``grad_out``): a number for ``mean``/``sum``, an array of the loss's
@@ -80,15 +85,16 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
     >>> round(float(fastlsm.cross_entropy(logits, np.array([0, 1]))), 4)
     0.5106
     """
-    if grad_loss is None and base.runs_on_cpu(device) and _spec.plain_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, axis, grad_out, z_loss,
-            return_lse):
+    if grad_loss is None and softcap is None and base.runs_on_cpu(device) and (
+            _spec.plain_cross_entropy(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, axis, grad_out, z_loss, return_lse)):
         result = base.get("cpu").plain_cross_entropy(input, target, ignore_index, reduction,
                                                      bool(return_grad))
         if result is not None:
             return result
     spec = _spec.loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                      axis, return_grad, grad_out, return_lse, grad_loss=grad_loss)
+                      axis, return_grad, grad_out, return_lse, grad_loss=grad_loss,
+                      softcap=softcap)
     return base.resolve(spec, device).cross_entropy(spec)
 
 

@@ -372,6 +372,7 @@ class Loss:
     reduction: str
     label_smoothing: float
     z_loss: float
+    softcap: float           # 0: none; else the loss is taken on softcap * tanh(input / softcap)
     want_grad: bool
     grad_out: Any            # None, or an array checked to take the gradient
     return_lse: bool
@@ -396,7 +397,8 @@ class Loss:
         return math.prod(self.row_shape)
 
 
-def _options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[int, float, float]:
+def _options(ignore_index, reduction, label_smoothing, z_loss,
+             softcap) -> tuple[int, float, float, float]:
     try:
         ignore_index = operator.index(ignore_index)
     except TypeError:
@@ -411,7 +413,13 @@ def _options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[int, flo
     z_loss = _real(z_loss, "z_loss")
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
-    return ignore_index, label_smoothing, z_loss
+    if softcap is None:
+        return ignore_index, label_smoothing, z_loss, 0.0
+    softcap = _real(softcap, "softcap")
+    if not 0.0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a positive finite number (or None for none), got "
+                         f"{softcap}")
+    return ignore_index, label_smoothing, z_loss, softcap
 
 
 def _real(value, name: str) -> float:
@@ -470,11 +478,11 @@ def _check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
 
 def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
          want_grad, grad_out, return_lse, *, probabilities_allowed: bool = True,
-         grad_loss=None) -> Loss:
-    """The spec of ``cross_entropy`` (or, with ``probabilities_allowed=False``, no smoothing and
-    no z-loss, ``nll_loss``)."""
-    ignore_index, label_smoothing, z_loss = _options(ignore_index, reduction, label_smoothing,
-                                                     z_loss)
+         grad_loss=None, softcap=None) -> Loss:
+    """The spec of ``cross_entropy`` (or, with ``probabilities_allowed=False``, no smoothing,
+    no z-loss and no soft-capping, ``nll_loss``)."""
+    ignore_index, label_smoothing, z_loss, softcap = _options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap)
     within = placement(input)
     logits = describe(input, "input", within)
     class_axis = _class_axis(logits.shape, axis)
@@ -504,7 +512,7 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
     grad_scale, grad_loss = _grad_loss(grad_loss, want_grad, reduction,
                                        _without_axis(logits.shape, class_axis), within)
     return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
-                label_smoothing, z_loss, want_grad, grad_out, bool(return_lse), dtype,
+                label_smoothing, z_loss, softcap, want_grad, grad_out, bool(return_lse), dtype,
                 compute_dtype(dtype), grad_scale, grad_loss)
 
 

@@ -49,6 +49,8 @@ def signatures(dtype) -> dict[str, tuple]:
                                               partials, per_row, vector, matrix),
         "loss.nll_loss_rows": (matrix, targets, vector, index, real, per_row, per_row, matrix,
                                flag),
+        "loss.soft_cap_rows": (matrix, real, matrix),
+        "loss.soft_cap_slope_rows": (matrix, real, matrix),
         "reduce.check_targets": (targets, vector, index, per_row),
         "reduce.sum_rows": (per_row, real, vector),
         "reduce.swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),

@@ -17,8 +17,8 @@ import fastlsm
 import loss_reference as loss_ref
 import reference as ref
 from checks import logits
-from test_loss import (REDUCTIONS, check_grad, check_lse, check_loss, error_scales,
-                       expected_reference, make_case)
+from test_loss import (REDUCTIONS, check_grad, check_lse, check_loss, check_soft_capped,
+                       error_scales, expected_reference, make_case)
 from test_softmax import (F32, F64, check_backward, check_log, check_prob, lsm_backward_scale,
                           sm_backward_scale)
 
@@ -118,6 +118,15 @@ def test_cross_entropy(on, name, rng):
         check_loss(loss, exp_loss, scales, F32, reduction, case.row_shape, f"{what} loss")
         check_grad(grad, exp_grad, scales, case.x, F32, f"{what} grad")
         check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+def test_cross_entropy_softcap(on, name, rng):
+    shape_name, case_options, options = LOSS_CASES[name]
+    case = make_case(shape_name, rng, dtype=F32, scale=20.0, **case_options)
+    for reduction in REDUCTIONS:
+        check_soft_capped(case, 15.0, reduction, options, f"{name}, reduction={reduction!r}",
+                          on=on)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -148,8 +148,10 @@ class Scales:
     lse: np.ndarray
 
 
-def error_scales(case, reduction, label_smoothing=0.0, z_loss=0.0, nll=False):
-    """The magnitudes of the module docstring, for ``case`` and the options."""
+def error_scales(case, reduction, label_smoothing=0.0, z_loss=0.0, nll=False, logit_scale=0.0):
+    """The magnitudes of the module docstring, for ``case`` and the options; ``logit_scale``
+    adds the magnitude of an error the logits themselves carry, in units of the rounding (for
+    soft-capped logits, the cap: its tanh is exact to a few ulp of 1)."""
     x, target, axis = case.x, case.target, case.axis
     xr, moved_shape = ref.to_rows(x, axis)
     n_rows, n_classes = xr.shape
@@ -159,7 +161,7 @@ def error_scales(case, reduction, label_smoothing=0.0, z_loss=0.0, nll=False):
         lse = ref.row_lse(xr)
         m = np.max(xr, axis=1) if n_classes else np.zeros(n_rows)
         p = np.exp(ref.torch_log_softmax(xr))
-        e = 1.0 + np.abs(xr - m[:, None]) + np.abs(lse - m)[:, None]
+        e = 1.0 + np.abs(xr - m[:, None]) + np.abs(lse - m)[:, None] + logit_scale
         e = np.where(np.isfinite(e), e, 0.0)
         p = np.where(np.isfinite(p), p, 0.0)
         if case.probs:
@@ -434,6 +436,90 @@ def test_z_loss_changes_the_loss_by_its_term(rng):
                                rtol=1e-11, atol=1e-13)
 
 
+# --- soft-capping -----------------------------------------------------------------------------------
+
+def soft_capped_case(case, softcap):
+    """``case`` with its logits capped, in float64, and ``d capped / d logits``."""
+    capped = softcap * np.tanh(np.asarray(case.x, np.float64) / softcap)
+    return Case(capped, case.target, case.weight, case.ignore_index, case.axis), (
+        1.0 - (capped / softcap) ** 2)
+
+
+def check_soft_capped(case, softcap, reduction, options, what, grad_out=None, on=None):
+    """``cross_entropy(..., softcap=)`` against the reference on the capped logits, its
+    gradient brought back by the chain rule; on the backend ``on`` where given."""
+    capped, slope = soft_capped_case(case, softcap)
+    exp_loss, exp_grad, exp_lse = ref.cross_entropy(capped.x, case.target, case.weight,
+                                                    case.ignore_index, reduction,
+                                                    axis=case.axis, **options)
+    scales = error_scales(capped, reduction, **options, logit_scale=softcap)
+    dtype = case.dtype
+    move = (lambda a: a) if on is None else on.array
+    kwargs = {k: (move(v) if isinstance(v, np.ndarray) else v) for k, v in case.kwargs.items()}
+    got = fastlsm.cross_entropy(move(case.x), move(case.target), reduction=reduction,
+                                return_grad=True, return_lse=True, softcap=softcap,
+                                grad_out=grad_out, **options, **kwargs)
+    loss, grad, lse = got if on is None else on.result(got)
+    check_loss(loss, exp_loss, scales, dtype, reduction, case.row_shape, f"{what} loss")
+    check_grad(grad, exp_grad * slope, scales, case.x, dtype, f"{what} grad")
+    check_lse(lse, exp_lse, scales, case.row_shape, dtype, f"{what} lse")
+    return grad
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", ["indices", "probs"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_softcap(shape, kind, dtype, rng):
+    """The loss of the capped logits on every CPU layout (short rows, long rows, tiles, classes
+    on another axis), with every option; logits large enough that the cap bites."""
+    case = make_case(shape, rng, dtype=dtype, kind=kind, weighted=True,
+                     ignore="-100" if kind == "indices" else "absent", scale=20.0)
+    for options in ({}, dict(label_smoothing=0.2), dict(z_loss=1e-3)):
+        for reduction in REDUCTIONS:
+            check_soft_capped(case, 15.0, reduction, options, f"{shape} {kind} {options} "
+                              f"{reduction}")
+
+
+def test_softcap_in_place(rng):
+    """``grad_out`` that is the logits themselves: each row is capped before it is overwritten."""
+    case = make_case("NC long rows", rng, scale=20.0)
+    x_before = case.x.copy()
+    grad = check_soft_capped(Case(case.x.copy(), case.target, None, -100, 1), 15.0, "mean", {},
+                             "in place", grad_out=case.x)
+    assert grad is case.x
+    assert not np.array_equal(case.x, x_before)
+
+
+def test_softcap_with_grad_loss_is_the_vjp(rng):
+    """``grad_loss`` per row with ``none``: what ``loss.backward(grad_loss)`` gives PyTorch."""
+    torch = pytest.importorskip("torch")
+    case = make_case("NC", rng, scale=20.0)
+    upstream = rng.standard_normal(case.row_shape)
+    xt = torch.tensor(case.x, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(15.0 * torch.tanh(xt / 15.0),
+                                             torch.tensor(case.target), reduction="none")
+    loss.backward(torch.tensor(upstream))
+    _, grad = fastlsm.cross_entropy(case.x, case.target, reduction="none", softcap=15.0,
+                                    return_grad=True, grad_loss=upstream)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_softcap_bounds_the_logits(rng):
+    """Capped, an infinite logit is ``softcap``: the row's loss is finite where the raw one is
+    nan, and a huge cap changes nothing within rounding."""
+    x = np.array([[np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0]])
+    loss = fastlsm.cross_entropy(x, np.array([1, 2]), reduction="none", softcap=5.0)
+    capped = 5.0 * np.tanh(x / 5.0)
+    assert np.array_equal(capped[:, 0], [5.0, -5.0])
+    np.testing.assert_allclose(loss, ref.cross_entropy(capped, np.array([1, 2]),
+                                                       reduction="none")[0], rtol=1e-14)
+    case = make_case("NC", rng)
+    np.testing.assert_allclose(
+        fastlsm.cross_entropy(case.x, case.target, softcap=1e8),
+        fastlsm.cross_entropy(case.x, case.target), rtol=1e-12)
+
+
+
 @source_param
 @pytest.mark.parametrize("ignore", IGNORE_MODES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["w=None", "w=random"])
@@ -469,7 +555,7 @@ def test_signatures():
         ("weight", P, None), ("ignore_index", P, -100), ("reduction", P, "mean"),
         ("label_smoothing", P, 0.0), ("axis", K, 1), ("return_grad", K, False),
         ("grad_out", K, None), ("z_loss", K, 0.0), ("return_lse", K, False),
-        ("grad_loss", K, None), ("device", K, None)]
+        ("grad_loss", K, None), ("softcap", K, None), ("device", K, None)]
     nll = inspect.signature(fastlsm.nll_loss).parameters
     assert [(n, p.kind, p.default) for n, p in nll.items()] == [
         ("input", P, inspect.Parameter.empty), ("target", P, inspect.Parameter.empty),

@@ -237,6 +237,19 @@ def test_negative_z_loss(backend, z):
            np.full((4, 5), 0.2), z_loss=z)
 
 
+@pytest.mark.parametrize("softcap", [0.0, -1.0, np.inf, -np.inf, np.nan])
+def test_softcap_not_positive_and_finite(backend, softcap):
+    for target in (np.array([0, 1, 2, 3]), np.full((4, 5), 0.2)):
+        raises(backend, ValueError, r"^softcap must be a positive finite number \(or None for "
+               r"none\), got ", fastlsm.cross_entropy, logits(4, 5), target, softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", ["30", [30.0], 1j])
+def test_softcap_not_a_number(backend, softcap):
+    raises(backend, TypeError, r"^softcap must be a real number, got ", fastlsm.cross_entropy,
+           logits(4, 5), np.array([0, 1, 2, 3]), softcap=softcap)
+
+
 # --- grad_out ---------------------------------------------------------------------------------------
 
 @BOTH

@@ -113,7 +113,7 @@ EXP_KERNELS = {  # name: (kernel, its arguments for a matrix x)
     "log_softmax_short_rows": (softmax.log_softmax_short_rows, lambda x: (x, np.empty_like(x))),
     "cross_entropy_rows": (loss.cross_entropy_rows,
                            lambda x: (x, np.zeros(len(x), np.int64), np.ones(x.shape[1], x.dtype),
-                                      float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(0),
+                                      float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(0), 0.0,
                                       np.empty(len(x)), np.empty(len(x)), np.empty_like(x))),
 }
 
@@ -125,7 +125,7 @@ def test_kernel_loops_vectorise(name, dtype):
     # optimised IR is exp running across SIMD lanes, a vector `llvm.maxnum` the max loop.
     # (Compiled afresh: Numba cannot show the IR of a kernel loaded from its cache.)
     compiled, arguments = EXP_KERNELS[name]
-    kernel = numba.njit(compiled.serial.py_func)
+    kernel = numba.njit(error_model="numpy")(compiled.serial.py_func)  # as runtime.rowwise
     x = np.ones((4, 100), dtype)
     kernel(*arguments(x))
     ir = kernel.inspect_llvm(kernel.signatures[0])
@@ -135,3 +135,15 @@ def test_kernel_loops_vectorise(name, dtype):
     maxnum = [int(n) for n in re.findall(rf"llvm\.maxnum\.v(\d+){float_type}", ir)]
     assert shl and max(shl) >= lanes, f"exp is not vectorised in {name}"
     assert maxnum and max(maxnum) >= lanes, f"the max loop is not vectorised in {name}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_soft_cap_loop_vectorises(dtype):
+    """The soft-cap's tanh (an exp, a series and a division a logit) runs across SIMD lanes."""
+    kernel = numba.njit(error_model="numpy")(loss.soft_cap_rows.serial.py_func)
+    x = np.ones((4, 100), dtype)
+    kernel(x, 30.0, np.empty_like(x))
+    ir = kernel.inspect_llvm(kernel.signatures[0])
+    float_type = "float" if dtype == np.float32 else "double"
+    divisions = [int(n) for n in re.findall(rf"fdiv[^<\n]*<(\d+) x {float_type}>", ir)]
+    assert divisions and max(divisions) >= 16 // np.dtype(dtype).itemsize

@@ -9,6 +9,9 @@ vectorised polynomial, CUDA's ``math.exp``).
 
 Notation, as ``shared/reference/semantics.md`` has it: a row's max ``m``, its ``shift =
 finite_or_zero(m)``, ``s = sum(exp(x - shift))``, ``log_s = log(s)`` and ``lse = shift + log_s``;
+the kernels carry ``s`` as its *excess* ``e = s - 1``: for a finite row, the sum of every term but
+one of those equal to the max (each exactly 1), so ``log_s = log1p(e)`` keeps its relative
+precision where one entry dominates (``logsumexp([0, -40]) = 4.2e-18``, not 0);
 ``C`` classes, weights ``w`` summing to ``W``, label smoothing ``eps``, z-loss coefficient ``z``,
 and the gradient's ``scale`` (1, or the inverse of the ``mean`` denominator).
 """
@@ -30,10 +33,13 @@ def finite_or_zero(m):
 
 
 @njit(inline="always")
-def log_of_sum(s):
-    """``log(s)``: -inf for the 0 of an empty or all ``-inf`` row (spelt out, since Python's log
-    raises there and the CUDA simulator runs kernels as Python)."""
-    return math.log(s) if s > 0.0 else (-math.inf if s == 0.0 else math.nan)
+def log_sum(excess):
+    """``log(s)`` from ``s``'s excess ``e = s - 1``: ``log1p(e)``, -inf for the ``e = -1`` of an
+    empty or all ``-inf`` row (spelt out, since Python's log1p raises there and the CUDA
+    simulator runs kernels as Python)."""
+    if excess > -1.0:
+        return math.log1p(excess)
+    return -math.inf if excess == -1.0 else math.nan
 
 
 @njit(inline="always")
@@ -44,6 +50,30 @@ def rescaled(s, shift, new_shift):
     overflow, and ``0 * inf`` is nan.
     """
     return s * math.exp(shift - new_shift) if s != 0.0 else 0.0
+
+
+@njit(inline="always")
+def merged_excess(m, excess, part_m, part_excess):
+    """``(m, e)`` of two parts of a row from their maxima and excesses (the (max, sum) merge).
+
+    The part with the lower max joins as a whole sum, rescaled; where the maxima are equal the
+    other max's 1 joins the excess.  The dominant part's excess is never added to a 1, so a
+    dominant entry's precision survives any number of merges.  A nan max (a part that is all
+    nan) keeps ``m`` and makes ``e`` nan.
+    """
+    if part_m > m:
+        earlier = rescaled(1.0 + excess, finite_or_zero(m), finite_or_zero(part_m))
+        return part_m, earlier + part_excess
+    if part_m < m:
+        return m, excess + rescaled(1.0 + part_excess, finite_or_zero(part_m), finite_or_zero(m))
+    return m, (excess + 1.0) + part_excess
+
+
+@njit(inline="always")
+def excess_of(rest, ties):
+    """``e`` of a part summed as ``ties`` terms equal to 1 (its max's) and the ``rest``: the
+    ``-1`` joins the exact count, never the rest's small terms."""
+    return (ties - 1.0) + rest
 
 
 @njit(inline="always")
@@ -115,3 +145,36 @@ def probability_loss(wy_sum, wyx_sum, log_s, z_loss, lse):
 def probability_gradient(wy_sum, z_loss, lse, scale):
     """``a`` of a row's probability-target gradient, ``grad_j = a * p_j - scale * w_j y'_j``."""
     return scale * (wy_sum + 2.0 * z_loss * lse)
+
+
+@njit(inline="always")
+def soft_capped(v, a, t, cap, kind):
+    """``cap * tanh(v / cap)`` (Gemma 2's logit soft-capping) from ``a = |v| / cap`` and
+    ``t = exp(-2 a)``, in the scalar type ``kind`` (the row's: a float32 loop stays float32).
+
+    ``tanh(a) = (1 - t) / (1 + t)`` cannot overflow (``t <= 1``; ``+-inf`` give ``+-cap``), but
+    ``1 - t`` cancels for small ``a``: below 1/8 the Taylor series (its next term is below
+    float64's rounding there) keeps the relative precision, where ``1 - t`` would leave only
+    an absolute error of a few ulp of ``cap``.  Above, ``1 - t >= 0.22``: a few ulp.
+    """
+    a2 = a * a
+    series = kind(-929569.0 / 638512875.0) * a2 + kind(21844.0 / 6081075.0)
+    series = series * a2 + kind(-1382.0 / 155925.0)
+    series = series * a2 + kind(62.0 / 2835.0)
+    series = series * a2 + kind(-17.0 / 315.0)
+    series = series * a2 + kind(2.0 / 15.0)
+    series = series * a2 + kind(-1.0 / 3.0)
+    small = a + a * a2 * series
+    large = (kind(1.0) - t) / (kind(1.0) + t)
+    # Both forms, then a select: a loop over the row stays branch-free, hence vectorised.
+    z = kind(cap) * (small if a < kind(0.125) else large)
+    return z if v >= kind(0.0) else -z
+
+
+@njit(inline="always")
+def soft_cap_slope(z, inverse_cap, kind):
+    """``d z / d v = 1 - tanh(v / cap)**2`` of a capped value ``z = cap * tanh(v / cap)``,
+    as ``(1 - z / cap) * (1 + z / cap)``: the chain rule's factor from the gradient with respect
+    to the capped logits to that with respect to the raw ones."""
+    u = z * kind(inverse_cap)
+    return (kind(1.0) - u) * (kind(1.0) + u)

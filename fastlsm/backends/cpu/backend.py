@@ -201,8 +201,8 @@ def _cross_entropy(spec: _spec.Loss):
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
                                  gradient_scale(spec, denominator), _row_scales(spec))
-        runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, per_row, lse,
-                 grad_target)
+        runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, spec.softcap,
+                    per_row, lse, grad_target)
     else:
         flat, denominator = checked_class_indices(spec.target.data, weight, spec.ignore_index)
         rows = _logit_rows(spec)
@@ -210,7 +210,8 @@ def _cross_entropy(spec: _spec.Loss):
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
                                 spec.z_loss, gradient_scale(spec, denominator),
                                 _row_scales(spec))
-        runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, per_row, lse, grad_target)
+        runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, spec.softcap, per_row, lse,
+                    grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, lse if spec.return_lse else None)
 
 
@@ -283,7 +284,8 @@ class CpuBackend:
         lse = np.empty(n_rows)
         grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
         runtime.run(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
-                 0.0, mean_scale(reduction, denominator), _NO_ROW_SCALES, per_row, lse, grad)
+                    0.0, mean_scale(reduction, denominator), _NO_ROW_SCALES, 0.0, per_row, lse,
+                    grad)
         value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
         return (value, grad) if return_grad else value
 

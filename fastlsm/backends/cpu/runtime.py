@@ -57,9 +57,13 @@ def rowwise(py_func) -> Kernel:
     # the serial twin gets a name of its own so the two never share a cache entry.
     serial_func = FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial")
     serial_func.__qualname__ = py_func.__qualname__ + "_serial"
+    # NumPy's error model: a float division by zero gives inf or nan as NumPy's would, where
+    # Python's model tests every divisor to raise ZeroDivisionError, a branch that keeps a loop
+    # with a division in it (the soft-cap's tanh) from vectorising.  Kernels never raise.
+    options = dict(cache=True, nogil=True, error_model="numpy")
     return Kernel(
-        parallel=njit(parallel=True, cache=True, nogil=True)(py_func),
-        serial=njit(cache=True, nogil=True)(serial_func),
+        parallel=njit(parallel=True, **options)(py_func),
+        serial=njit(**options)(serial_func),
     )
 
 

@@ -15,6 +15,7 @@ from fastlsm import _spec
 from fastlsm.backends.cpu import layout, runtime
 from fastlsm.backends.cpu.backend import (checked_class_indices, class_indices_and_error,
                                           class_weights)
+from fastlsm.backends.cpu.kernels import loss as loss_kernels
 from fastlsm.backends.cpu.kernels import partials as kernels
 from fastlsm.backends.cpu.kernels.partials import SplitKernels
 from fastlsm.backends.cpu.runtime import Kernel
@@ -73,14 +74,28 @@ def matrix_like(block, other, axes: tuple[int, ...]) -> np.ndarray:
     return _matrices(block_rows(block, axes), (other,), axes)[0]
 
 
-def finish(kernel: Kernel, block, axes: tuple[int, ...], *args):
+def finish(kernel: Kernel, block, axes: tuple[int, ...], *args, softcap: float = 0.0):
     """``kernel(rows, *args, result)`` over a block: the block's part of the result, in its
-    shape and result dtype (``args`` hold the rows' merged statistics)."""
+    shape and result dtype (``args`` hold the rows' merged statistics).  With ``softcap``, the
+    kernel reads the block soft-capped and its result (a loss's gradient) is brought to the raw
+    logits."""
     rows = block_rows(block, axes)
     result, target, scratch = layout.elementwise_target(rows, None)
     if target.size:
-        runtime.run(kernel, rows.matrix, *args, target)
+        matrix = soft_capped(rows.matrix, softcap)
+        runtime.run(kernel, matrix, *args, target)
+        if softcap:
+            runtime.run(loss_kernels.soft_cap_slope_rows, matrix, softcap, target)
     return layout.finish_elementwise(rows, result, target, scratch, None)
+
+
+def soft_capped(matrix: np.ndarray, softcap: float) -> np.ndarray:
+    """``softcap * tanh(matrix / softcap)`` as a new matrix; ``matrix`` itself for 0 (none)."""
+    if not softcap:
+        return matrix
+    capped = np.empty(matrix.shape, matrix.dtype)
+    runtime.run(loss_kernels.soft_cap_rows, matrix, softcap, capped)
+    return capped
 
 
 def class_indices(target_block, weight: np.ndarray, ignore_index: int,
@@ -103,24 +118,26 @@ def _host(target_block) -> np.ndarray:
 
 
 def cross_entropy_partials(block, class_axis: int, target: np.ndarray, first_class: int,
-                           weight: np.ndarray, label_smoothing: float) -> np.ndarray:
+                           weight: np.ndarray, label_smoothing: float,
+                           softcap: float) -> np.ndarray:
     """A block's :func:`~.kernels.partials.cross_entropy_partials_rows` (flat int64 targets,
-    the block's first class and weights)."""
+    the block's first class and weights), of its logits soft-capped where ``softcap`` is set."""
     rows = block_rows(block, (class_axis,))
     result = np.empty((rows.matrix.shape[0], kernels.CROSS_ENTROPY_PARTIALS))
     if result.size:
-        runtime.run(kernels.CROSS_ENTROPY_SPLIT.partials, rows.matrix, target, first_class,
-                         weight, label_smoothing > 0.0, result)
+        runtime.run(kernels.CROSS_ENTROPY_SPLIT.partials, soft_capped(rows.matrix, softcap),
+                    target, first_class, weight, label_smoothing > 0.0, result)
     return result
 
 
 def probability_partials(block, class_axis: int, probabilities, weight: np.ndarray,
-                         label_smoothing: float, n_classes: int) -> np.ndarray:
-    """A block's :func:`~.kernels.partials.cross_entropy_probs_partials_rows`."""
+                         label_smoothing: float, n_classes: int, softcap: float) -> np.ndarray:
+    """A block's :func:`~.kernels.partials.cross_entropy_probs_partials_rows`, soft-capped as
+    :func:`cross_entropy_partials`."""
     rows = block_rows(block, (class_axis,))
     y = _matrices(rows, (probabilities,), (class_axis,))[0]
     result = np.empty((rows.matrix.shape[0], kernels.PROBABILITY_PARTIALS))
     if result.size:
-        runtime.run(kernels.PROBABILITIES_SPLIT.partials, rows.matrix, y, weight,
-                         label_smoothing, n_classes, result)
+        runtime.run(kernels.PROBABILITIES_SPLIT.partials, soft_capped(rows.matrix, softcap), y,
+                    weight, label_smoothing, n_classes, result)
     return result

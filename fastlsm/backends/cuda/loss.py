@@ -3,7 +3,9 @@
 Class-index targets are range-checked on the device by a one-block kernel that also sums the
 ``mean`` denominator, and the call waits for its two numbers: that round trip is what lets a
 bad target raise its IndexError before any kernel writes a result.  Per-row losses are float64
-and reduced on the device in one block, in a fixed order.
+and reduced on the device in one block, in a fixed order.  With ``softcap`` the capped logits
+are a matrix of their own, and the gradient is brought to the raw logits by a pass of its own
+(:mod:`.kernels.loss` says why it is not fused yet).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fastlsm.backends.cuda import arrays, launch
 from fastlsm.backends.cuda.arrays import DeviceArray
 from fastlsm.backends.cuda.kernels import reduce
 from fastlsm.backends.cuda.kernels.loss import (CROSS_ENTROPY, CROSS_ENTROPY_PROBABILITIES,
-                                                NLL_LOSS)
+                                                NLL_LOSS, soft_cap_rows, soft_cap_slope_rows)
 from fastlsm.backends.cuda.kernels.primitives import RowKernels
 from fastlsm.backends.cuda.launch import launch_rows, launch_segments, reduction_threads
 from fastlsm.backends.cuda.rows import Rows, cast_into, in_dtype, matrix_target, to_rows, unrows
@@ -171,13 +173,33 @@ def cross_entropy(spec: _spec.Loss):
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
                                 spec.z_loss, gradient_scale(spec, denominator),
                                 _row_scales(spec, logits))
-    matrix = rows.matrix
+    matrix = _soft_capped(rows.matrix, spec.softcap, logits)
     per_row = arrays.scratch((matrix.shape[0],), np.float64, logits)
     lse = (arrays.scratch((matrix.shape[0],), matrix.dtype, logits) if spec.return_lse
            else _nothing((0,), matrix.dtype))
     grad = _grad_target(spec, rows, logits)
     _launch_loss(kernels, matrix, target, terms, per_row, lse, grad[2], logits)
+    if spec.softcap and spec.want_grad and matrix.size:
+        launch.launch(soft_cap_slope_rows, _row_blocks(matrix), SOFT_CAP_THREADS, matrix,
+                      spec.softcap, grad[2])
     return _finish(spec, rows, _reduced(spec, per_row, denominator, logits), grad, lse)
+
+
+SOFT_CAP_THREADS = 256
+
+
+def _row_blocks(matrix) -> int:
+    return max(1, min(matrix.shape[0], 65535))
+
+
+def _soft_capped(matrix, softcap: float, like: DeviceArray):
+    """``softcap * tanh(matrix / softcap)`` as a matrix of its own (``matrix`` itself without
+    soft-capping): the loss kernels read it in place of the logits."""
+    if not softcap or not matrix.size:
+        return matrix
+    capped = arrays.scratch(matrix.shape, matrix.dtype, like)
+    launch.launch(soft_cap_rows, _row_blocks(matrix), SOFT_CAP_THREADS, matrix, softcap, capped)
+    return capped
 
 
 def nll_loss(spec: _spec.Loss):

@@ -179,14 +179,15 @@ def _row_scales(grad_loss) -> np.ndarray:
 # --- whole rows ----------------------------------------------------------------------------------
 
 def _cross_entropy_rows_block(x_block, target_block, weight, grad_loss, scale, *, class_axis,
-                              ignore_index, label_smoothing, z_loss, return_grad, return_lse):
+                              ignore_index, label_smoothing, z_loss, softcap, return_grad,
+                              return_lse):
     """The loss of a block of whole rows: per-row losses, then grad (each row's scaled by
     ``scale`` and the caller's ``grad_loss``) and lse as asked."""
     row_shape = x_block.shape[:class_axis] + x_block.shape[class_axis + 1:]
     spec = _spec.loss(x_block, target_block, weight, ignore_index, "none", label_smoothing,
                       z_loss, class_axis, return_grad, None, return_lse,
                       grad_loss=_block_grad_loss(row_shape, grad_loss, scale) if return_grad
-                      else None)
+                      else None, softcap=softcap or None)
     results = base.for_block(x_block).cross_entropy(spec)
     return results if isinstance(results, tuple) else (results,)
 
@@ -204,7 +205,8 @@ def _cross_entropy_rows(spec: _spec.Loss, x, target, weight, denominator):
                                   class_axis=class_axis,
                                   ignore_index=spec.ignore_index,
                                   label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
-                                  return_grad=spec.want_grad, return_lse=spec.return_lse)
+                                  softcap=spec.softcap, return_grad=spec.want_grad,
+                                  return_lse=spec.return_lse)
     row_meta = graph.block_meta(x, len(rows), dtype)
     outputs = [_reduce(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
                        dtype)]
@@ -222,9 +224,10 @@ def _flat(target_block) -> np.ndarray:
 
 
 def _cross_entropy_partials_block(x_block, target_block, weight, class_ids, *, axes, n_columns,
-                                  label_smoothing):
+                                  label_smoothing, softcap):
     partials = split.cross_entropy_partials(x_block, axes[0], _flat(target_block),
-                                            _first_class(class_ids), weight, label_smoothing)
+                                            _first_class(class_ids), weight, label_smoothing,
+                                            softcap)
     return graph.block_partials(partials, x_block.shape, axes)
 
 
@@ -238,17 +241,17 @@ def _cross_entropy_merge_block(partials, target_block, *, axes, n_classes, total
 
 def _cross_entropy_grad_block(x_block, stats, target_block, weight, class_ids, grad_loss, scale,
                               *, axes, n_classes, ignore_index, label_smoothing, total_weight,
-                              z_loss):
+                              z_loss, softcap):
     return split.finish(CROSS_ENTROPY_SPLIT.finish, x_block, axes, _flat(target_block),
                         _first_class(class_ids), weight, ignore_index,
                         stats.reshape(-1, stats.shape[-1]), total_weight, label_smoothing,
-                        n_classes, z_loss, float(scale), _row_scales(grad_loss))
+                        n_classes, z_loss, float(scale), _row_scales(grad_loss), softcap=softcap)
 
 
 def _probs_partials_block(x_block, y_block, weight, *, axes, n_columns, n_classes,
-                          label_smoothing):
+                          label_smoothing, softcap):
     partials = split.probability_partials(x_block, axes[0], y_block, weight, label_smoothing,
-                                          n_classes)
+                                          n_classes, softcap)
     return graph.block_partials(partials, x_block.shape, axes)
 
 
@@ -259,11 +262,11 @@ def _probs_merge_block(partials, *, axes, z_loss):
 
 
 def _probs_grad_block(x_block, stats, y_block, weight, grad_loss, scale, *, axes, n_classes,
-                      z_loss, label_smoothing):
+                      z_loss, label_smoothing, softcap):
     return split.finish(PROBABILITIES_SPLIT.finish, x_block, axes,
                         split.matrix_like(x_block, y_block, axes), weight,
                         stats.reshape(-1, stats.shape[-1]), label_smoothing, n_classes, z_loss,
-                        float(scale), _row_scales(grad_loss))
+                        float(scale), _row_scales(grad_loss), softcap=softcap)
 
 
 def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, denominator):
@@ -272,7 +275,8 @@ def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, deno
     index = tuple(range(x.ndim))
     rows = tuple(i for i in index if i != class_axis)
     weights, class_ids = _by_class(x, class_axis, weight), _class_ids(x, class_axis)
-    options = dict(n_classes=spec.n_classes, label_smoothing=spec.label_smoothing)
+    options = dict(n_classes=spec.n_classes, label_smoothing=spec.label_smoothing,
+                   softcap=spec.softcap)
     if spec.probabilities:
         partials = graph.partials_layer(_probs_partials_block, PROBABILITY_PARTIALS, axes, x,
                                         target, index, weights, axes, **options)
@@ -282,10 +286,12 @@ def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, deno
     else:
         partials = graph.partials_layer(_cross_entropy_partials_block, CROSS_ENTROPY_PARTIALS,
                                         axes, x, target, rows, weights, axes, class_ids, axes,
-                                        label_smoothing=spec.label_smoothing)
+                                        label_smoothing=spec.label_smoothing,
+                                        softcap=spec.softcap)
         stats = graph.merge_layer(_cross_entropy_merge_block, partials, axes, LOSS_STATS, target,
                                   rows, total_weight=total_weight, ignore_index=spec.ignore_index,
-                                  z_loss=spec.z_loss, **options)
+                                  z_loss=spec.z_loss, n_classes=spec.n_classes,
+                                  label_smoothing=spec.label_smoothing)
         grad_block = _cross_entropy_grad_block
         grad_args = (target, rows, weights, axes, class_ids, axes)
         options.update(ignore_index=spec.ignore_index, total_weight=total_weight)

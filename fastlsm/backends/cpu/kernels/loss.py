@@ -6,7 +6,8 @@ a second time (from cache for rows up to ~1 MiB) and writes the gradient in plac
 them.  ``grad`` is a ``(0, 0)`` array when the caller wants no gradient.  The formulas (PyTorch's)
 are :mod:`fastlsm.backends.formulas`'.  The class-index kernels take their arguments after the
 targets in the order of :class:`~fastlsm.backends.base.ClassIndexTerms`, the probability-target
-kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`.
+kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`, then the soft-cap (0 for
+none; the CUDA kernels take none, see :mod:`fastlsm.backends.cuda.loss`).
 """
 
 import math
@@ -20,8 +21,8 @@ from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows,
                                                 tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
-                                       log_of_sum, probability_gradient, probability_loss,
-                                       row_scale, smoothed_weight)
+                                       log_sum, probability_gradient, probability_loss,
+                                       row_scale, smoothed_weight, soft_cap_slope, soft_capped)
 
 
 @njit(cache=True, nogil=True)
@@ -78,11 +79,12 @@ def _nan_row(loss, grad, i):
 
 
 @njit(inline="always")
-def write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
-    """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``; without
-    the weights where ``w_coef`` is 0 (:func:`~fastlsm.backends.formulas.class_index_gradient`)."""
+def write_softmax_grad(row, dst, shift, e, p_coef, weight, w_coef):
+    """``dst[j] = p_j * p_coef - weight[j] * w_coef`` with ``p = exp(row - shift) / s``,
+    ``s = 1 + e``; without the weights where ``w_coef`` is 0
+    (:func:`~fastlsm.backends.formulas.class_index_gradient`)."""
     c_shift = row.dtype.type(shift)
-    a = row.dtype.type(p_coef / s)
+    a = row.dtype.type(p_coef / (1.0 + e))
     b = row.dtype.type(w_coef)
     if w_coef == 0.0:  # two loops rather than a test per class, as on CUDA
         for j in range(row.shape[0]):
@@ -93,21 +95,22 @@ def write_softmax_grad(row, dst, shift, s, p_coef, weight, w_coef):
 
 
 @njit(inline="always")
-def write_probability_grad(row, y, dst, shift, s, p_coef, weight, smoothing, n_classes, scale):
-    """``dst[j] = p_j * p_coef - scale * w_j * y'_j`` with ``p = exp(row - shift) / s``."""
+def write_probability_grad(row, y, dst, shift, e, p_coef, weight, smoothing, n_classes, scale):
+    """``dst[j] = p_j * p_coef - scale * w_j * y'_j`` with ``p = exp(row - shift) / s``,
+    ``s = 1 + e``."""
     keep = row.dtype.type(1.0 - smoothing)
     spread = row.dtype.type(smoothing / n_classes)
     c_shift = row.dtype.type(shift)
-    a = row.dtype.type(p_coef / s)
+    a = row.dtype.type(p_coef / (1.0 + e))
     b = row.dtype.type(scale)
     for j in range(row.shape[0]):
         dst[j] = exp(row[j] - c_shift) * a - smoothed_weight(weight[j], y[j], keep, spread) * b
 
 
 @njit(inline="always")
-def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, weight,
+def _finish_cross_entropy_row(i, row, x_t, t, m, e, stored_maxima, exps_stored, weight,
                               total_weight, ignore_index, smoothing, z_loss, scale, loss, lse, grad):
-    """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, s)`` (:func:`row_stats`).
+    """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, e)`` (:func:`row_stats`).
 
     ``x_t`` is the target's logit, read before ``grad`` (which may be ``x``) was written; where
     ``exps_stored``, the grad row holds the stats pass's exps, shifted per block by
@@ -115,7 +118,7 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, 
     """
     n_classes = row.shape[0]
     want_grad = grad.shape[0] > 0
-    log_s = log_of_sum(s)
+    log_s = log_sum(e)
     row_lse = finite_or_zero(m) + log_s
     lse[i] = row_lse
     if t == ignore_index:
@@ -135,9 +138,9 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, s, stored_maxima, exps_stored, 
         p_coef, w_coef, t_coef = class_index_gradient(w_t, smoothing, n_classes, total_weight,
                                                       z_loss, row_lse, scale)
         if exps_stored:
-            rescale_stored_exps(dst, stored_maxima, m, p_coef / s)
+            rescale_stored_exps(dst, stored_maxima, m, p_coef / (1.0 + e))
         else:
-            write_softmax_grad(row, dst, m, s, p_coef, weight, w_coef)
+            write_softmax_grad(row, dst, m, e, p_coef, weight, w_coef)
         dst[t] -= row.dtype.type(t_coef)
 
 
@@ -146,57 +149,146 @@ def _target_logit(row, t, ignore_index):
     return row[t] if t != ignore_index else row.dtype.type(0.0)
 
 
+# Rows a task of the soft-capped kernels, each task with one scratch row for the capped copy.
+CAPPED_ROWS = 16
+
+
+@njit(inline="always")
+def write_soft_capped(row, dst, softcap):
+    """``dst = softcap * tanh(row / softcap)`` (:func:`~fastlsm.backends.formulas.soft_capped`)."""
+    kind = row.dtype.type
+    inverse_cap = kind(1.0 / softcap)
+    for j in range(row.shape[0]):
+        v = row[j]
+        a = abs(v) * inverse_cap
+        dst[j] = soft_capped(v, a, exp(a * kind(-2.0)), softcap, kind)
+
+
+@njit(inline="always")
+def apply_soft_cap_slope(capped, dst, softcap):
+    """``dst *= 1 - (capped / softcap)**2``: a gradient with respect to the capped logits
+    brought to the raw ones."""
+    for j in range(capped.shape[0]):
+        dst[j] *= soft_cap_slope(capped[j], 1.0 / softcap, capped.dtype.type)
+
+
+@rowwise
+def soft_cap_rows(x, softcap, out):
+    """``out = softcap * tanh(x / softcap)``: a block of a row split across blocks, capped
+    before its partials and its gradient (the rows of one block are not in cache together)."""
+    for i in prange(x.shape[0]):
+        write_soft_capped(contiguous_row(x, i), contiguous_row(out, i), softcap)
+
+
+@rowwise
+def soft_cap_slope_rows(capped, softcap, grad):
+    """``grad *= 1 - (capped / softcap)**2`` (:func:`apply_soft_cap_slope`) row by row."""
+    for i in prange(capped.shape[0]):
+        apply_soft_cap_slope(contiguous_row(capped, i), contiguous_row(grad, i), softcap)
+
+
+@njit(inline="always")
+def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoothing, z_loss,
+                       scale, row_scales, loss, lse, grad, store_exps, block_maxima):
+    """Row ``i``'s loss and gradient, its logits ``row`` (``x[i]``, or its soft-capped copy)."""
+    x_t = _target_logit(row, target[i], ignore_index)  # read first: grad may be x
+    maxima = contiguous_row(block_maxima, i)
+    if store_exps:
+        m, e = row_stats(row, contiguous_row(grad, i), maxima)
+    else:
+        m, e = row_stats(row, row[:0], row[:0])
+    _finish_cross_entropy_row(i, row, x_t, target[i], m, e, maxima, store_exps, weight,
+                              total_weight, ignore_index, smoothing, z_loss,
+                              row_scale(scale, row_scales, i), loss, lse, grad)
+
+
+@njit(inline="always")
+def _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing, z_loss,
+                               softcap, scale, row_scales, loss, lse, grad):
+    # Each row is capped into a scratch row that stays in cache, which the stats and gradient
+    # passes read in place of the row; the gradient is then brought to the raw logits.
+    store_exps = grad.shape[0] > 0 and smoothing == 0.0
+    block_maxima = block_maxima_rows(x)
+    for task in prange((x.shape[0] + CAPPED_ROWS - 1) // CAPPED_ROWS):
+        capped = np.empty(x.shape[1], x.dtype)
+        for i in range(task * CAPPED_ROWS, min((task + 1) * CAPPED_ROWS, x.shape[0])):
+            write_soft_capped(contiguous_row(x, i), capped, softcap)
+            _cross_entropy_row(capped, i, target, weight, total_weight, ignore_index, smoothing,
+                               z_loss, scale, row_scales, loss, lse, grad, store_exps,
+                               block_maxima)
+            if grad.shape[0] > 0:
+                apply_soft_cap_slope(capped, contiguous_row(grad, i), softcap)
+
+
 @rowwise
 def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                       row_scales, loss, lse, grad):
+                       row_scales, softcap, loss, lse, grad):
+    if softcap > 0.0:
+        _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing,
+                                   z_loss, softcap, scale, row_scales, loss, lse, grad)
+        return
     # Without smoothing the gradient is softmax times a per-row coefficient (minus the target's
     # term): the stats pass stores the exps in `grad` and the second pass only rescales them.
     store_exps = grad.shape[0] > 0 and smoothing == 0.0
     block_maxima = block_maxima_rows(x)
     for i in prange(x.shape[0]):
-        row = contiguous_row(x, i)
-        x_t = _target_logit(row, target[i], ignore_index)  # read first: grad may be x
-        maxima = contiguous_row(block_maxima, i)
-        if store_exps:
-            m, s = row_stats(row, contiguous_row(grad, i), maxima)
-        else:
-            m, s = row_stats(row, row[:0], row[:0])
-        _finish_cross_entropy_row(i, row, x_t, target[i], m, s, maxima, store_exps, weight,
-                                  total_weight, ignore_index, smoothing, z_loss,
-                                  row_scale(scale, row_scales, i), loss, lse, grad)
+        _cross_entropy_row(contiguous_row(x, i), i, target, weight, total_weight, ignore_index,
+                           smoothing, z_loss, scale, row_scales, loss, lse, grad, store_exps,
+                           block_maxima)
 
 
 @rowwise
 def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss,
-                             scale, row_scales, loss, lse, grad):
+                             scale, row_scales, softcap, loss, lse, grad):
+    if softcap > 0.0:
+        # The tile kernel reads x itself: capped rows go one at a time.
+        _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing,
+                                   z_loss, softcap, scale, row_scales, loss, lse, grad)
+        return
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
+        maxima, excesses = tile_stats(x, first, last)
         for i in range(first, last):
             row = contiguous_row(x, i)
             _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
-                                      target[i], maxima[i - first], sums[i - first], row[:0],
+                                      target[i], maxima[i - first], excesses[i - first], row[:0],
                                       False, weight, total_weight, ignore_index, smoothing,
                                       z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
 
 
+@njit(inline="always")
+def _probability_row(row, probs, i, weight, smoothing, z_loss, scale, row_scales, loss, lse, grad):
+    """Row ``i``'s probability-target loss and gradient, its logits ``row``."""
+    m, e, log_s, row_lse = row_log_sum_exp(row)
+    lse[i] = row_lse
+    if not math.isfinite(m):
+        _nan_row(loss, grad, i)
+        return
+    wy_sum, wyx_sum = row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
+    loss[i] = probability_loss(wy_sum, wyx_sum, log_s, z_loss, row_lse)
+    if grad.shape[0] > 0:
+        scale_i = row_scale(scale, row_scales, i)
+        write_probability_grad(row, probs, contiguous_row(grad, i), m, e,
+                               probability_gradient(wy_sum, z_loss, row_lse, scale_i), weight,
+                               smoothing, row.shape[0], scale_i)
+
+
 @rowwise
-def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, loss, lse, grad):
-    want_grad = grad.shape[0] > 0
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, softcap, loss,
+                             lse, grad):
+    if softcap > 0.0:
+        for task in prange((x.shape[0] + CAPPED_ROWS - 1) // CAPPED_ROWS):
+            capped = np.empty(x.shape[1], x.dtype)
+            for i in range(task * CAPPED_ROWS, min((task + 1) * CAPPED_ROWS, x.shape[0])):
+                write_soft_capped(contiguous_row(x, i), capped, softcap)
+                _probability_row(capped, contiguous_row(y, i), i, weight, smoothing, z_loss,
+                                 scale, row_scales, loss, lse, grad)
+                if grad.shape[0] > 0:
+                    apply_soft_cap_slope(capped, contiguous_row(grad, i), softcap)
+        return
     for i in prange(x.shape[0]):
-        row, probs = contiguous_row(x, i), contiguous_row(y, i)
-        m, s, log_s, row_lse = row_log_sum_exp(row)
-        lse[i] = row_lse
-        if not math.isfinite(m):
-            _nan_row(loss, grad, i)
-            continue
-        wy_sum, wyx_sum = row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)
-        loss[i] = probability_loss(wy_sum, wyx_sum, log_s, z_loss, row_lse)
-        if want_grad:
-            scale_i = row_scale(scale, row_scales, i)
-            write_probability_grad(row, probs, contiguous_row(grad, i), m, s,
-                                   probability_gradient(wy_sum, z_loss, row_lse, scale_i), weight,
-                                   smoothing, row.shape[0], scale_i)
+        _probability_row(contiguous_row(x, i), contiguous_row(y, i), i, weight, smoothing,
+                         z_loss, scale, row_scales, loss, lse, grad)
 
 
 @rowwise

@@ -9,10 +9,11 @@ the merged statistics back to every block, whose ``finish`` kernel writes its pa
 arrays a block, concatenated to ``(rows, blocks, k)`` for the merge; merged statistics are
 float64 ``(rows, k)``, as each kernel's docstring says.
 
-The partials of the softmax family are :func:`~.stats.row_max_and_sum`'s ``(m, s)``: the block's
-max ``m`` (nan ignored) and ``s = sum(exp(x - shift))``, ``shift = finite_or_zero(m)``, so that
-blocks merge as semantics.md's ``(max, sum)`` pair (:func:`merged_max_sum`) and a row's
-non-finite answers come out as in the unsplit kernels.  The merges and finishing passes use the
+The partials of the softmax family are :func:`~.stats.row_max_and_excess`'s ``(m, e)``: the
+block's max ``m`` (nan ignored) and the excess ``e = s - 1`` of ``s = sum(exp(x - shift))``,
+``shift = finite_or_zero(m)``, so that blocks merge as semantics.md's ``(max, sum)`` pair
+(:func:`merged_max_excess`) with a dominant entry's precision kept, and a row's non-finite
+answers come out as in the unsplit kernels.  The merges and finishing passes use the
 formulas of :mod:`fastlsm.backends.formulas` with the row's merged statistics in place of the ones
 a single pass would find.
 """
@@ -23,16 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp, max_ignoring_nan
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.loss import (row_smoothed_sums, row_weighted_sum,
                                                write_probability_grad, write_softmax_grad)
 from fastlsm.backends.cpu.kernels.softmax import write_log_softmax
-from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, row_dot, row_max_and_sum, row_sum,
-                                                tile_bounds, tile_stats)
+from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, row_dot, row_max_and_excess,
+                                                row_sum, tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import Kernel, RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
-                                       log_of_sum, probability_gradient, probability_loss,
-                                       rescaled, reshifted, row_scale)
+                                       log_sum, merged_excess, probability_gradient,
+                                       probability_loss, reshifted, row_scale)
 
 
 @dataclass(frozen=True)
@@ -48,22 +49,22 @@ class SplitKernels:
 # --- partials ----------------------------------------------------------------------------------
 
 @rowwise
-def max_sum_partials_rows(x, partials):
-    """``partials[i] = (m, s)`` of row ``i`` of the block ``x``."""
+def max_excess_partials_rows(x, partials):
+    """``partials[i] = (m, e)`` of row ``i`` of the block ``x``."""
     for i in prange(x.shape[0]):
-        m, s = row_max_and_sum(contiguous_row(x, i))
+        m, e = row_max_and_excess(contiguous_row(x, i))
         partials[i, 0] = m
-        partials[i, 1] = s
+        partials[i, 1] = e
 
 
 @rowwise
-def max_sum_partials_short_rows(x, partials):
+def max_excess_partials_short_rows(x, partials):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
+        maxima, excesses = tile_stats(x, first, last)
         for r in range(last - first):
             partials[first + r, 0] = maxima[r]
-            partials[first + r, 1] = sums[r]
+            partials[first + r, 1] = excesses[r]
 
 
 @rowwise
@@ -91,7 +92,7 @@ PROBABILITY_PARTIALS = 4
 
 @rowwise
 def cross_entropy_partials_rows(x, target, first_class, weight, smoothing, partials):
-    """``partials[i] = (m, s, x_t, w_t, ws, W_b)`` for classes ``first_class:first_class + C_b``.
+    """``partials[i] = (m, e, x_t, w_t, ws, W_b)`` for classes ``first_class:first_class + C_b``.
 
     ``x_t`` and ``w_t`` are the target's logit and weight where the target falls in this block,
     0 elsewhere; ``ws = sum_c weight[c] * (x[i, c] - shift)`` where ``smoothing`` is set, else 0;
@@ -103,9 +104,9 @@ def cross_entropy_partials_rows(x, target, first_class, weight, smoothing, parti
         block_weight += weight[c]
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
-        m, s = row_max_and_sum(row)
+        m, e = row_max_and_excess(row)
         partials[i, 0] = m
-        partials[i, 1] = s
+        partials[i, 1] = e
         local = target[i] - first_class
         if 0 <= local < n_classes:
             partials[i, 2] = row[local]
@@ -119,16 +120,16 @@ def cross_entropy_partials_rows(x, target, first_class, weight, smoothing, parti
 
 @rowwise
 def cross_entropy_probs_partials_rows(x, y, weight, smoothing, n_classes, partials):
-    """``partials[i] = (m, s, wy, wyx)``: :func:`~.loss.row_smoothed_sums` of the block, shifted
+    """``partials[i] = (m, e, wy, wyx)``: :func:`~.loss.row_smoothed_sums` of the block, shifted
     by its ``shift``; ``n_classes`` is the whole row's class count (the smoothing spreads over
     it)."""
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
-        m, s = row_max_and_sum(row)
+        m, e = row_max_and_excess(row)
         wy, wyx = row_smoothed_sums(row, contiguous_row(y, i), weight, smoothing, n_classes,
                                     finite_or_zero(m))
         partials[i, 0] = m
-        partials[i, 1] = s
+        partials[i, 1] = e
         partials[i, 2] = wy
         partials[i, 3] = wyx
 
@@ -136,18 +137,15 @@ def cross_entropy_probs_partials_rows(x, y, weight, smoothing, n_classes, partia
 # --- merges ------------------------------------------------------------------------------------
 
 @njit(inline="always")
-def merged_max_sum(blocks):
-    """``(m, shift, s)`` of a row from its blocks' ``(m_b, s_b)`` in ``blocks[:, :2]``:
-    ``m = max(m_b)`` (nan ignored, as in a block's own max), ``s = sum(s_b * exp(shift_b -
-    shift))``; a block that is all ``-inf`` (``s_b = 0``) adds nothing."""
-    m = -np.inf
+def merged_max_excess(blocks):
+    """``(m, shift, e)`` of a row from its blocks' ``(m_b, e_b)`` in ``blocks[:, :2]``, merged in
+    block order (:func:`~fastlsm.backends.formulas.merged_excess`): ``m = max(m_b)`` (nan
+    ignored, as in a block's own max), ``e`` the excess of ``sum(s_b * exp(shift_b - shift))``;
+    a block that is all ``-inf`` (``e_b = -1``) adds nothing."""
+    m, e = -np.inf, -1.0
     for b in range(blocks.shape[0]):
-        m = max_ignoring_nan(m, blocks[b, 0])
-    shift = finite_or_zero(m)
-    s = 0.0
-    for b in range(blocks.shape[0]):
-        s += rescaled(blocks[b, 1], finite_or_zero(blocks[b, 0]), shift)
-    return m, shift, s
+        m, e = merged_excess(m, e, blocks[b, 0], blocks[b, 1])
+    return m, finite_or_zero(m), e
 
 
 @njit(inline="always")
@@ -170,20 +168,20 @@ def column_sum(blocks, column):
 
 
 @rowwise
-def merge_max_sum_rows(partials, stats):
-    """``stats[i] = (m, s)`` of row ``i`` from its blocks' ``partials[i, b] = (m_b, s_b)``."""
+def merge_max_excess_rows(partials, stats):
+    """``stats[i] = (m, e)`` of row ``i`` from its blocks' ``partials[i, b] = (m_b, e_b)``."""
     for i in prange(partials.shape[0]):
-        m, shift, s = merged_max_sum(partials[i])
+        m, shift, e = merged_max_excess(partials[i])
         stats[i, 0] = m
-        stats[i, 1] = s
+        stats[i, 1] = e
 
 
 @rowwise
 def logsumexp_merge_rows(partials, lse):
-    """``lse[i]`` of row ``i`` from its blocks' ``(m_b, s_b)``."""
+    """``lse[i]`` of row ``i`` from its blocks' ``(m_b, e_b)``."""
     for i in prange(partials.shape[0]):
-        m, shift, s = merged_max_sum(partials[i])
-        lse[i] = shift + log_of_sum(s)
+        m, shift, e = merged_max_excess(partials[i])
+        lse[i] = shift + log_sum(e)
 
 
 @rowwise
@@ -193,7 +191,7 @@ def merge_sums_rows(partials, stats):
         stats[i, 0] = column_sum(partials[i], 0)
 
 
-# Merged statistics of a row's loss: (loss, lse, m, s, w) with `w` the target's weight (class
+# Merged statistics of a row's loss: (loss, lse, m, e, w) with `w` the target's weight (class
 # indices) or sum_c w_c y'_c (probabilities), from which a block's gradient is finished.
 LOSS_STATS = 5
 
@@ -201,12 +199,12 @@ LOSS_STATS = 5
 @rowwise
 def cross_entropy_merge_rows(partials, target, total_weight, ignore_index, smoothing, n_classes,
                              z_loss, stats):
-    """``stats[i] = (loss, lse, m, s, w_t)`` of row ``i`` from its blocks'
+    """``stats[i] = (loss, lse, m, e, w_t)`` of row ``i`` from its blocks'
     :func:`cross_entropy_partials_rows`."""
     for i in prange(partials.shape[0]):
         blocks = partials[i]
-        m, shift, s = merged_max_sum(blocks)
-        log_s = log_of_sum(s)
+        m, shift, e = merged_max_excess(blocks)
+        log_s = log_sum(e)
         lse = shift + log_s
         w_t = column_sum(blocks, 3)  # one block holds the target, the others add 0
         if target[i] == ignore_index:
@@ -220,18 +218,18 @@ def cross_entropy_merge_rows(partials, target, total_weight, ignore_index, smoot
         stats[i, 0] = loss
         stats[i, 1] = lse
         stats[i, 2] = m
-        stats[i, 3] = s
+        stats[i, 3] = e
         stats[i, 4] = w_t
 
 
 @rowwise
 def cross_entropy_probs_merge_rows(partials, z_loss, stats):
-    """``stats[i] = (loss, lse, m, s, wy)`` of row ``i`` from its blocks'
+    """``stats[i] = (loss, lse, m, e, wy)`` of row ``i`` from its blocks'
     :func:`cross_entropy_probs_partials_rows`."""
     for i in prange(partials.shape[0]):
         blocks = partials[i]
-        m, shift, s = merged_max_sum(blocks)
-        log_s = log_of_sum(s)
+        m, shift, e = merged_max_excess(blocks)
+        log_s = log_sum(e)
         lse = shift + log_s
         wy = column_sum(blocks, 2)
         loss = np.nan
@@ -240,7 +238,7 @@ def cross_entropy_probs_merge_rows(partials, z_loss, stats):
         stats[i, 0] = loss
         stats[i, 1] = lse
         stats[i, 2] = m
-        stats[i, 3] = s
+        stats[i, 3] = e
         stats[i, 4] = wy
 
 
@@ -248,14 +246,14 @@ def cross_entropy_probs_merge_rows(partials, z_loss, stats):
 
 @rowwise
 def log_softmax_finish_rows(x, stats, out):
-    """``out = (x - shift) - log(s)`` from the row's merged ``stats[i] = (m, s)``."""
+    """``out = (x - shift) - log(s)`` from the row's merged ``stats[i] = (m, e)``."""
     for i in prange(x.shape[0]):
         write_log_softmax(contiguous_row(x, i), contiguous_row(out, i), stats[i, 0], stats[i, 1])
 
 
 @rowwise
 def softmax_finish_rows(x, stats, out):
-    """``out = exp(x - m) / s`` from the row's merged ``stats[i] = (m, s)``."""
+    """``out = exp(x - m) / s`` from the row's merged ``stats[i] = (m, e)``, ``s = 1 + e``."""
     for i in prange(x.shape[0]):
         row, dst = contiguous_row(x, i), contiguous_row(out, i)
         m = stats[i, 0]
@@ -263,7 +261,7 @@ def softmax_finish_rows(x, stats, out):
             dst[:] = np.nan  # as softmax_rows: SciPy shifts by a non-finite max too
             continue
         shift = row.dtype.type(m)
-        scale = row.dtype.type(1.0 / stats[i, 1])
+        scale = row.dtype.type(1.0 / (1.0 + stats[i, 1]))
         for j in range(row.shape[0]):
             dst[j] = exp(row[j] - shift) * scale
 
@@ -336,10 +334,10 @@ def cross_entropy_probs_grad_finish_rows(x, y, weight, stats, smoothing, n_class
                                p_coef, weight, smoothing, n_classes, scale_i)
 
 
-MAX_SUM = RowKernels(rows=max_sum_partials_rows, short_rows=max_sum_partials_short_rows)
-LOG_SOFTMAX_SPLIT = SplitKernels(MAX_SUM, merge_max_sum_rows, log_softmax_finish_rows)
-SOFTMAX_SPLIT = SplitKernels(MAX_SUM, merge_max_sum_rows, softmax_finish_rows)
-LOGSUMEXP_SPLIT = SplitKernels(MAX_SUM, logsumexp_merge_rows, None)
+MAX_EXCESS = RowKernels(rows=max_excess_partials_rows, short_rows=max_excess_partials_short_rows)
+LOG_SOFTMAX_SPLIT = SplitKernels(MAX_EXCESS, merge_max_excess_rows, log_softmax_finish_rows)
+SOFTMAX_SPLIT = SplitKernels(MAX_EXCESS, merge_max_excess_rows, softmax_finish_rows)
+LOGSUMEXP_SPLIT = SplitKernels(MAX_EXCESS, logsumexp_merge_rows, None)
 LOG_SOFTMAX_BACKWARD_SPLIT = SplitKernels(RowKernels(rows=sum_partials_rows), merge_sums_rows,
                                           log_softmax_backward_finish_rows)
 SOFTMAX_BACKWARD_SPLIT = SplitKernels(RowKernels(rows=dot_partials_rows), merge_sums_rows,

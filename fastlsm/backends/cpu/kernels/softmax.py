@@ -15,16 +15,16 @@ from numba import njit, prange
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, column_stats,
                                                 column_strips, rescale_stored_exps,
-                                                row_log_sum_exp, row_max_and_sum, row_stats,
+                                                row_log_sum_exp, row_max_and_excess, row_stats,
                                                 strip_bounds, tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
-from fastlsm.backends.formulas import finite_or_zero, log_of_sum
+from fastlsm.backends.formulas import finite_or_zero, log_sum
 
 
 @njit(inline="always")
-def write_log_softmax(row, dst, m, s):
+def write_log_softmax(row, dst, m, e):
     c = row.dtype.type(finite_or_zero(m))
-    log_s = row.dtype.type(log_of_sum(s))
+    log_s = row.dtype.type(log_sum(e))
     for j in range(row.shape[0]):
         dst[j] = (row[j] - c) - log_s
 
@@ -33,18 +33,18 @@ def write_log_softmax(row, dst, m, s):
 def log_softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
-        m, s = row_max_and_sum(row)
-        write_log_softmax(row, contiguous_row(out, i), m, s)
+        m, e = row_max_and_excess(row)
+        write_log_softmax(row, contiguous_row(out, i), m, e)
 
 
 @rowwise
 def log_softmax_short_rows(x, out):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
+        maxima, excesses = tile_stats(x, first, last)
         for i in range(first, last):
             write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
-                              maxima[i - first], sums[i - first])
+                              maxima[i - first], excesses[i - first])
 
 
 @rowwise
@@ -54,26 +54,26 @@ def softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row, dst = contiguous_row(x, i), contiguous_row(out, i)
         maxima = contiguous_row(block_maxima, i)
-        m, s = row_stats(row, dst, maxima)
+        m, e = row_stats(row, dst, maxima)
         if not math.isfinite(m):
             # SciPy's softmax shifts by the max even when it is not finite: such rows are nan.
             dst[:] = np.nan
             continue
-        rescale_stored_exps(dst, maxima, m, 1.0 / s)
+        rescale_stored_exps(dst, maxima, m, 1.0 / (1.0 + e))
 
 
 @rowwise
 def softmax_short_rows(x, out):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
+        maxima, excesses = tile_stats(x, first, last)
         for i in range(first, last):
             row, dst = contiguous_row(x, i), contiguous_row(out, i)
             m = maxima[i - first]
             if not math.isfinite(m):
                 dst[:] = np.nan
                 continue
-            scale = row.dtype.type(1.0 / sums[i - first])
+            scale = row.dtype.type(1.0 / (1.0 + excesses[i - first]))
             for j in range(row.shape[0]):
                 dst[j] = exp(row[j] - m) * scale
 
@@ -88,9 +88,9 @@ def logsumexp_rows(x, out):
 def logsumexp_short_rows(x, out):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
-        maxima, sums = tile_stats(x, first, last)
+        maxima, excesses = tile_stats(x, first, last)
         for r in range(last - first):
-            out[first + r] = finite_or_zero(float(maxima[r])) + log_of_sum(sums[r])
+            out[first + r] = finite_or_zero(float(maxima[r])) + log_sum(excesses[r])
 
 
 @rowwise
@@ -98,8 +98,8 @@ def log_softmax_columns(x, out):
     for task in prange(x.shape[0] * column_strips(x)):
         b, first, last = strip_bounds(x, task)
         slab, dst = x[b], out[b]
-        maxima, shifts, sums = column_stats(slab, first, last)
-        log_sums = np.log(sums).astype(x.dtype)
+        maxima, shifts, excesses = column_stats(slab, first, last)
+        log_sums = np.log1p(excesses).astype(x.dtype)  # -inf for the -1 of an all -inf column
         for c in range(slab.shape[0]):
             column = contiguous_row(slab, c)[first:last]
             dst_column = contiguous_row(dst, c)[first:last]
@@ -112,9 +112,9 @@ def softmax_columns(x, out):
     for task in prange(x.shape[0] * column_strips(x)):
         b, first, last = strip_bounds(x, task)
         slab, dst = x[b], out[b]
-        maxima, shifts, sums = column_stats(slab, first, last)
+        maxima, shifts, excesses = column_stats(slab, first, last)
         # A column whose max is not finite is all nan (SciPy), as in softmax_rows.
-        scales = np.where(np.isfinite(maxima), 1.0 / sums, np.nan).astype(x.dtype)
+        scales = np.where(np.isfinite(maxima), 1.0 / (1.0 + excesses), np.nan).astype(x.dtype)
         for c in range(slab.shape[0]):
             column = contiguous_row(slab, c)[first:last]
             dst_column = contiguous_row(dst, c)[first:last]
@@ -127,9 +127,9 @@ def logsumexp_columns(x, out):
     """``out[b, w]``: the log-sum-exp of ``x[b, :, w]``."""
     for task in prange(x.shape[0] * column_strips(x)):
         b, first, last = strip_bounds(x, task)
-        maxima, shifts, sums = column_stats(x[b], first, last)
+        maxima, shifts, excesses = column_stats(x[b], first, last)
         for w in range(last - first):
-            out[b, first + w] = float(shifts[w]) + log_of_sum(sums[w])
+            out[b, first + w] = float(shifts[w]) + log_sum(excesses[w])
 
 
 LOG_SOFTMAX = RowKernels(rows=log_softmax_rows, short_rows=log_softmax_short_rows,

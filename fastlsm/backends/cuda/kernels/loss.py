@@ -15,8 +15,8 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
                                                       row_group, row_in_range, row_stats,
                                                       tail_chunks)
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
-                                       log_of_sum, probability_gradient, probability_loss,
-                                       reshifted, smoothed_weight)
+                                       log_sum, probability_gradient, probability_loss,
+                                       reshifted, smoothed_weight, soft_cap_slope, soft_capped)
 
 
 @cuda.jit(device=True)
@@ -51,13 +51,13 @@ def class_grad(x_j, w_j, is_target, shift, a, b, target_term, smoothed):
 
 
 @cuda.jit(device=True)
-def finish_cross_entropy(x, row, start, n, size, leader, cached, m, s, weighted, t, ignored, x_t,
+def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted, t, ignored, x_t,
                          weight, total_weight, smoothing, z_loss, scale, loss, lse, grad):
     """The row's loss and lse (written by the ``leader`` thread) and the gradient over this
-    thread's elements, from the row's ``(m, s)`` and ``weighted = sum_c weight[c] * (x[c] - m)``
+    thread's elements, from the row's ``(m, e)`` and ``weighted = sum_c weight[c] * (x[c] - m)``
     (used with label smoothing)."""
     n_classes = x.shape[1]
-    log_s = log_of_sum(s)
+    log_s = log_sum(e)
     row_lse = finite_or_zero(m) + log_s
     if leader and lse.shape[0] > 0:
         lse[row] = row_lse
@@ -83,7 +83,7 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, s, weighted,
         return
     p_coef, w_coef, t_coef = class_index_gradient(w_t, smoothing, n_classes, total_weight, z_loss,
                                                   row_lse, scale)
-    a = x.dtype.type(p_coef / s)
+    a = x.dtype.type(p_coef / (1.0 + e))
     b = x.dtype.type(w_coef)
     target_term = x.dtype.type(t_coef)
     smoothed = smoothing > 0.0  # only then does the gradient read the weights
@@ -126,7 +126,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     t = target[row]
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
     ignored = t == ignore_index
     weighted = 0.0
     if smoothing > 0.0 and math.isfinite(m) and not ignored:
@@ -138,12 +138,12 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     owns_target = not ignored and t % size == rank
     x_t = x[row, t] if owns_target else x.dtype.type(0.0)
     leader = owns_target or (ignored and rank == 0)
-    finish_cross_entropy(x, row, rank, n, size, leader, cached, m, s, weighted, t, ignored, x_t,
+    finish_cross_entropy(x, row, rank, n, size, leader, cached, m, e, weighted, t, ignored, x_t,
                          weight, total_weight, smoothing, z_loss,
                          row_scale(scale, row_scales, row), loss, lse, grad)
 
 
-# A split row's partials for the loss: ``(m, s, sum_c w_c (x_c - finite_or_zero(m)), sum_c w_c)``
+# A split row's partials for the loss: ``(m, e, sum_c w_c (x_c - finite_or_zero(m)), sum_c w_c)``
 # of each segment (the last two with label smoothing only), and in ``[row, 0, 4]`` the target's
 # logit, read by its segment before any block writes a gradient over it (grad may be x).
 CROSS_ENTROPY_PARTIALS = 5
@@ -155,7 +155,7 @@ def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, start, hi, size, cached, False, scratch)
+    m, e = row_stats(x, row, start, hi, size, cached, False, scratch)
     weighted = 0.0
     total = 0.0
     if smoothing > 0.0:
@@ -166,7 +166,7 @@ def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
         total = group_sum(total, False, scratch)
     if cuda.threadIdx.x == 0:
         partials[row, segment, 0] = m
-        partials[row, segment, 1] = s
+        partials[row, segment, 1] = e
         partials[row, segment, 2] = weighted
         partials[row, segment, 3] = total
         t = target[row]
@@ -182,7 +182,7 @@ def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smooth
         return  # the first segment's block writes the loss; without a gradient, nothing else
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = merged_stats(partials, row, scratch)
+    m, e = merged_stats(partials, row, scratch)
     t = target[row]
     ignored = t == ignore_index
     x_t = x.dtype.type(partials[row, 0, 4]) if not ignored else x.dtype.type(0.0)
@@ -196,7 +196,7 @@ def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smooth
     if grad.shape[0] > 0:
         load_row(x, row, start, hi, size, cached)
     finish_cross_entropy(x, row, start, hi, size, segment == 0 and cuda.threadIdx.x == 0, cached,
-                         m, s, weighted, t, ignored, x_t, weight, total_weight, smoothing, z_loss,
+                         m, e, weighted, t, ignored, x_t, weight, total_weight, smoothing, z_loss,
                          row_scale(scale, row_scales, row), loss, lse, grad)
 
 
@@ -222,12 +222,12 @@ def probability_sums(x, y, weight, row, start, n, size, cached, shift, smoothing
 
 
 @cuda.jit(device=True)
-def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached, m, s, wy_sum,
+def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached, m, e, wy_sum,
                                wyx_sum, smoothing, z_loss, scale, loss, lse, grad):
     """The row's loss and lse (by the ``leader``) and the gradient over this thread's elements,
-    from the row's ``(m, s)`` and sums ``wy_sum``, ``wyx_sum`` (:func:`probability_sums` with
+    from the row's ``(m, e)`` and sums ``wy_sum``, ``wyx_sum`` (:func:`probability_sums` with
     ``shift = m``)."""
-    log_s = log_of_sum(s)
+    log_s = log_sum(e)
     row_lse = finite_or_zero(m) + log_s
     if leader and lse.shape[0] > 0:
         lse[row] = row_lse
@@ -245,7 +245,7 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
     shift = x.dtype.type(m)
     keep = x.dtype.type(1.0 - smoothing)
     spread = x.dtype.type(smoothing / x.shape[1])
-    a = x.dtype.type(probability_gradient(wy_sum, z_loss, row_lse, scale) / s)
+    a = x.dtype.type(probability_gradient(wy_sum, z_loss, row_lse, scale) / (1.0 + e))
     b = x.dtype.type(scale)
     mine, my_weights, my_y, count = grad[row, start:], weight[start:], y[row, start:], n - start
     for k in range(VALUES):  # two loops: one would be too long to unroll whole in float64
@@ -278,7 +278,7 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales,
     n = x.shape[1]
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
     wy_sum = 0.0
     wyx_sum = 0.0
     if math.isfinite(m):
@@ -286,13 +286,13 @@ def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales,
                                                    x.dtype.type(m), smoothing)
         wy_sum = group_sum(wy_partial, warp_rows, scratch)
         wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
-    finish_cross_entropy_probs(x, y, weight, row, rank, n, size, rank == 0, cached, m, s, wy_sum,
+    finish_cross_entropy_probs(x, y, weight, row, rank, n, size, rank == 0, cached, m, e, wy_sum,
                                wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
                                lse, grad)
 
 
-# A split row's partials for probability targets: ``(m, s, sum wy, sum wy * (x - finite_or_zero(m)))``
-# of each segment.
+# A split row's partials for probability targets: ``(m, e, sum wy,
+# sum wy * (x - finite_or_zero(m)))`` of each segment.
 PROBABILITY_PARTIALS = 4
 
 
@@ -302,14 +302,14 @@ def cross_entropy_probs_segment_stats(x, y, weight, smoothing, partials):
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, start, hi, size, cached, False, scratch)
+    m, e = row_stats(x, row, start, hi, size, cached, False, scratch)
     wy_partial, wyx_partial = probability_sums(x, y, weight, row, start, hi, size, cached,
                                                x.dtype.type(finite_or_zero(m)), smoothing)
     wy = group_sum(wy_partial, False, scratch)
     wyx = group_sum(wyx_partial, False, scratch)
     if cuda.threadIdx.x == 0:
         partials[row, segment, 0] = m
-        partials[row, segment, 1] = s
+        partials[row, segment, 1] = e
         partials[row, segment, 2] = wy
         partials[row, segment, 3] = wyx
 
@@ -322,7 +322,7 @@ def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_sca
         return  # the first segment's block writes the loss; without a gradient, nothing else
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = merged_stats(partials, row, scratch)
+    m, e = merged_stats(partials, row, scratch)
     wy_sum = 0.0
     wyx_sum = 0.0
     if math.isfinite(m):
@@ -336,7 +336,7 @@ def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_sca
     if grad.shape[0] > 0:
         load_row(x, row, start, hi, size, cached)
     finish_cross_entropy_probs(x, y, weight, row, start, hi, size,
-                               segment == 0 and cuda.threadIdx.x == 0, cached, m, s, wy_sum,
+                               segment == 0 and cuda.threadIdx.x == 0, cached, m, e, wy_sum,
                                wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
                                lse, grad)
 
@@ -358,6 +358,34 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, row_scales, loss, grad
         target_grad = 0.0 if ignored else -row_scale(scale, row_scales, row) * weight[t]
         for j in range(rank, grad.shape[1], size):
             grad[row, j] = target_grad if j == t else 0.0
+
+
+# --- soft-capping ------------------------------------------------------------------------------
+# Not fused yet: the capped logits are written to a matrix of their own that the loss kernels
+# read, and the gradient is brought to the raw logits in a pass of its own.  Fusing the cap into
+# the loads is for a session with a GPU to measure (the CPU's kernels cap row by row in cache).
+
+@cuda.jit(cache=True)
+def soft_cap_rows(x, softcap, capped):
+    """``capped = softcap * tanh(x / softcap)`` (:func:`~fastlsm.backends.formulas.soft_capped`),
+    rows ``blockIdx.x``, ``+ gridDim.x``, ... a block each."""
+    kind = x.dtype.type
+    inverse_cap = kind(1.0 / softcap)
+    for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            v = x[row, j]
+            a = abs(v) * inverse_cap
+            capped[row, j] = soft_capped(v, a, math.exp(a * kind(-2.0)), softcap, kind)
+
+
+@cuda.jit(cache=True)
+def soft_cap_slope_rows(capped, softcap, grad):
+    """``grad *= 1 - (capped / softcap)**2``: the gradient of the capped logits brought to the
+    raw ones, rows as in :func:`soft_cap_rows`."""
+    kind = capped.dtype.type
+    for row in range(cuda.blockIdx.x, capped.shape[0], cuda.gridDim.x):
+        for j in range(cuda.threadIdx.x, capped.shape[1], cuda.blockDim.x):
+            grad[row, j] *= soft_cap_slope(capped[row, j], 1.0 / softcap, kind)
 
 
 CROSS_ENTROPY = RowKernels(cross_entropy_rows, cross_entropy_segment_stats, cross_entropy_segments,

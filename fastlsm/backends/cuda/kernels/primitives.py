@@ -12,15 +12,18 @@ row that fits is read from memory once and written once; the part of a longer ro
 ``VALUES * size`` elements is streamed with the online (max, sum) merge and read again to write.
 
 When rows are long and too few to fill the GPU, a row is *split* into segments, one block each
-(the ``*_segments`` kernels): a ``segment_stats`` kernel writes each segment's ``(m, s)``, and a second
-kernel merges a row's pairs (semantics.md's (max, sum) merge, in a fixed order) and writes its
-segment, which it reads again (from L2, where few rows fit).  The helpers here therefore take a
+(the ``*_segments`` kernels): a ``segment_stats`` kernel writes each segment's ``(m, e)``, and a
+second kernel merges a row's pairs (semantics.md's (max, sum) merge, in a fixed order) and writes
+its segment, which it reads again (from L2, where few rows fit).  The helpers here therefore take a
 thread's first element ``start`` and the end ``n`` of its part of the row, and the write phases
 are device functions shared by the one-pass and the split kernels.
 
 Reductions inside a group are warp shuffles (``shfl_xor_sync``) and, across the warps of a
 block, a fixed-order pass over shared memory: the result never depends on timing.  Sums of
-exponentials are float64; the exponentials themselves are computed in the row's dtype.
+exponentials are float64; the exponentials themselves are computed in the row's dtype.  A row's
+sum ``s`` is carried as its excess ``e = s - 1`` (:mod:`fastlsm.backends.formulas`): the terms
+exactly equal to 1 (the max's own) are counted apart from the rest, so that where one entry
+dominates, the small terms are not lost in the 1 (``log_s = log1p(e)``).
 
 Non-finite rows follow SciPy (log_softmax, softmax, logsumexp) or PyTorch (the losses), exactly
 as the CPU kernels do (the shared formulas are :mod:`fastlsm.backends.formulas`'); see
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 from numba import cuda, float64, int64
 
-from fastlsm.backends.formulas import finite_or_zero, rescaled
+from fastlsm.backends.formulas import excess_of, finite_or_zero, merged_excess, rescaled
 
 WARP = 32
 # Row elements each thread holds in registers.  16 rather than 32: fewer registers a thread
@@ -125,11 +128,13 @@ def load_chunk(a, j, n, size, chunk, fill):
 
 @cuda.jit(device=True)
 def stream_stats(x, row, start, n, size):
-    """``(m, s)`` of this thread's elements beyond the cached ones, up to ``n``: the max and
-    ``sum(exp(x - m))`` (0 while ``m`` is -inf), merged online ``UNROLL`` loads at a time."""
+    """``(m, rest, ties)`` of this thread's elements beyond the cached ones, up to ``n``: the
+    max and ``sum(exp(x - m))`` as ``ties`` terms equal to 1 and the ``rest`` (both 0 while ``m``
+    is -inf), merged online ``UNROLL`` loads at a time."""
     low = x.dtype.type(-math.inf)
     m = low
-    s = 0.0
+    rest = 0.0
+    ties = 0.0
     chunk = cuda.local.array(UNROLL, x.dtype)
     for j in range(start + VALUES * size, n, UNROLL * size):
         load_chunk(x[row], j, n, size, chunk, low)
@@ -137,41 +142,58 @@ def stream_stats(x, row, start, n, size):
         for u in range(1, UNROLL):
             top = max_nan(top, chunk[u])
         # The (max, sum) merge inline, without formulas.rescaled's test: this is the long rows'
-        # hot loop, and a row whose max is not finite is summed again by row_stats anyway.
+        # hot loop, and a row whose max is not finite is summed again by row_stats anyway.  Below
+        # a new max the old 1s are 1s no longer.
         if top > m or top != top:
-            s *= math.exp(m - top)  # 0 * 0 while m was -inf
+            rest = (rest + ties) * math.exp(m - top)  # 0 * 0 while m was -inf
+            ties = 0.0
             m = top
         if m != low:  # all -inf so far: exp(-inf - -inf) would be nan
             for u in range(UNROLL):
-                s += math.exp(chunk[u] - m)
-    return m, s
+                t = math.exp(chunk[u] - m)
+                if t == 1.0:
+                    ties += 1.0
+                else:
+                    rest += t
+    return m, rest, ties
 
 
 @cuda.jit(device=True)
 def row_stats(x, row, start, n, size, cached, warp_rows, scratch):
-    """``(m, s)`` of the group's part of the row (its elements from ``start - rank`` to ``n``):
-    its max (float64, nan if it holds a nan) and ``s = sum(exp(x - finite_or_zero(m)))``
-    (float64), the same in every thread of the group.
+    """``(m, e)`` of the group's part of the row (its elements from ``start - rank`` to ``n``):
+    its max (float64, nan if it holds a nan) and the excess ``e = s - 1`` of
+    ``s = sum(exp(x - finite_or_zero(m)))`` (float64), the same in every thread of the group.
 
-    Fills ``cached`` (:func:`load_row`).  A part whose max is not finite sums ``exp(x)`` again
-    from memory: SciPy's answers for it (inf, nan) come from that unshifted sum.
+    Each thread counts its terms equal to 1 (``ties``) apart from the ``rest``, and the group sums
+    both: ``e = (ties - 1) + rest`` never adds the max's 1 to the small terms.  Fills ``cached``
+    (:func:`load_row`).  A part whose max is not finite sums ``exp(x)`` again from memory, all of
+    it into ``rest`` (``e = s - 1`` is exact there: ``s`` is 0, inf or nan): SciPy's answers for
+    it (-inf, inf, nan) come from that unshifted sum.
     """
     m_cached = load_row(x, row, start, n, size, cached)
-    m_stream, s_stream = stream_stats(x, row, start, n, size)
+    m_stream, rest_stream, ties_stream = stream_stats(x, row, start, n, size)
     m = group_max(max_nan(m_cached, m_stream), warp_rows, scratch)
-    s = 0.0
+    rest = 0.0
+    ties = 0.0
     if math.isfinite(m):
         shift = x.dtype.type(m)
         for k in range(VALUES):
-            s += math.exp(cached[k] - shift)
-        if m_stream != x.dtype.type(-math.inf):
-            s += s_stream * math.exp(m_stream - shift)
+            t = math.exp(cached[k] - shift)
+            if t == 1.0:
+                ties += 1.0
+            else:
+                rest += t
+        if m_stream == shift:  # the stream's 1s are the row's
+            rest += rest_stream
+            ties += ties_stream
+        else:  # below the row's max, its 1s are small terms like the others
+            rest += rescaled(rest_stream + ties_stream, m_stream, shift)
     else:  # rare: no need to stream well
         for k in range(VALUES):
-            s += math.exp(cached[k])
+            rest += math.exp(cached[k])
         for j in range(start + VALUES * size, n, size):
-            s += math.exp(x[row, j])
-    return m, group_sum(s, warp_rows, scratch)
+            rest += math.exp(x[row, j])
+    return m, excess_of(group_sum(rest, warp_rows, scratch), group_sum(ties, warp_rows, scratch))
 
 
 @cuda.jit(device=True)
@@ -204,7 +226,7 @@ def tail_chunks(first, n, size):
 
 # --- split rows ----------------------------------------------------------------------------------
 # Block b holds segment b % segments of row b // segments, where ``segments`` is
-# ``partials.shape[1]``; ``partials[row, segment]`` holds the segment's statistics, ``(m, s)`` as
+# ``partials.shape[1]``; ``partials[row, segment]`` holds the segment's statistics, ``(m, e)`` as
 # row_stats gives them first.
 
 @cuda.jit(device=True)
@@ -219,18 +241,30 @@ def block_segment(n_classes, segments):
 
 @cuda.jit(device=True)
 def merged_stats(partials, row, scratch):
-    """The row's ``(m, s)`` from its segments' pairs, in the block's fixed order: ``m`` the max,
-    ``s`` each segment's sum rescaled to ``finite_or_zero(m)`` (the (max, sum) merge)."""
+    """The row's ``(m, e)`` from its segments' pairs, in the block's fixed order: ``m`` the max
+    (nan if a segment's is) and ``e`` the excess of the segments' sums rescaled to
+    ``finite_or_zero(m)`` (the (max, sum) merge).
+
+    Each thread merges its segments in turn (:func:`~fastlsm.backends.formulas.merged_excess`),
+    then the block sums the threads' as :func:`row_stats` sums terms: a thread that holds the
+    row's max adds its 1 to ``ties`` and its excess to ``rest``, any other its whole sum, rescaled,
+    to ``rest`` (nothing for a thread without segments, or with all -inf ones: a sum of 0).
+    Where every segment is all -inf, each thread adds 1 and -1: ``e`` is -1.
+    """
     segments = partials.shape[1]
-    m = -math.inf
+    m, e = -math.inf, -1.0
+    row_m = -math.inf
     for k in range(cuda.threadIdx.x, segments, cuda.blockDim.x):
-        m = max_nan(m, partials[row, k, 0])
-    m = group_max(m, False, scratch)
-    shift = finite_or_zero(m)
-    s = 0.0
-    for k in range(cuda.threadIdx.x, segments, cuda.blockDim.x):
-        s += rescaled(partials[row, k, 1], finite_or_zero(partials[row, k, 0]), shift)
-    return m, group_sum(s, False, scratch)
+        m, e = merged_excess(m, e, partials[row, k, 0], partials[row, k, 1])
+        # merged_excess keeps a nan max out of m (it makes e nan): the row's max is the
+        # segments', nan if one holds a nan, as row_stats finds for the whole row.
+        row_m = max_nan(row_m, partials[row, k, 0])
+    row_m = group_max(row_m, False, scratch)
+    if m == row_m:
+        rest, ties = e, 1.0
+    else:
+        rest, ties = rescaled(1.0 + e, finite_or_zero(m), finite_or_zero(row_m)), 0.0
+    return row_m, excess_of(group_sum(rest, False, scratch), group_sum(ties, False, scratch))
 
 
 

@@ -8,15 +8,15 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
                                                       block_segment, load_chunk, load_row,
                                                       merged_stats, row_group, row_in_range,
                                                       row_stats, tail_chunks)
-from fastlsm.backends.formulas import finite_or_zero, log_of_sum
+from fastlsm.backends.formulas import finite_or_zero, log_sum
 
 
 @cuda.jit(device=True)
-def write_log_softmax(x, out, row, start, n, size, cached, m, s):
-    """``out = (x - shift) - log(s)`` over this thread's elements (``shift`` kept apart from the
-    log for float32 accuracy where ``|m|`` is large)."""
+def write_log_softmax(x, out, row, start, n, size, cached, m, e):
+    """``out = (x - shift) - log(s)`` over this thread's elements, from the row's ``(m, e)``
+    (``shift`` kept apart from the log for float32 accuracy where ``|m|`` is large)."""
     shift = x.dtype.type(finite_or_zero(m))
-    log_s = x.dtype.type(log_of_sum(s))
+    log_s = x.dtype.type(log_sum(e))
     mine, count = out[row, start:], n - start
     for k in range(VALUES):
         if k * size < count:
@@ -32,13 +32,13 @@ def write_log_softmax(x, out, row, start, n, size, cached, m, s):
 
 
 @cuda.jit(device=True)
-def write_softmax(x, out, row, start, n, size, cached, m, s):
+def write_softmax(x, out, row, start, n, size, cached, m, e):
     if not math.isfinite(m):  # SciPy: exp(x - max) / sum is nan throughout
         for j in range(start, n, size):
             out[row, j] = math.nan
         return
     shift = x.dtype.type(m)
-    inverse = x.dtype.type(1.0 / s)
+    inverse = x.dtype.type(1.0 / (1.0 + e))
     mine, count = out[row, start:], n - start
     for k in range(VALUES):
         if k * size < count:
@@ -61,8 +61,8 @@ def log_softmax_rows(x, out, warp_rows):
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
     n = x.shape[1]
-    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
-    write_log_softmax(x, out, row, rank, n, size, cached, m, s)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    write_log_softmax(x, out, row, rank, n, size, cached, m, e)
 
 
 @cuda.jit(cache=True)
@@ -73,8 +73,8 @@ def softmax_rows(x, out, warp_rows):
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
     n = x.shape[1]
-    m, s = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
-    write_softmax(x, out, row, rank, n, size, cached, m, s)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    write_softmax(x, out, row, rank, n, size, cached, m, e)
 
 
 @cuda.jit(cache=True)
@@ -84,9 +84,9 @@ def logsumexp_rows(x, out, warp_rows):
         return
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, rank, x.shape[1], size, cached, warp_rows, scratch)
+    m, e = row_stats(x, row, rank, x.shape[1], size, cached, warp_rows, scratch)
     if rank == 0:
-        out[row] = finite_or_zero(m) + log_of_sum(s)
+        out[row] = finite_or_zero(m) + log_sum(e)
 
 
 
@@ -95,10 +95,10 @@ def segment_stats(x, partials):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = row_stats(x, row, lo + cuda.threadIdx.x, hi, cuda.blockDim.x, cached, False, scratch)
+    m, e = row_stats(x, row, lo + cuda.threadIdx.x, hi, cuda.blockDim.x, cached, False, scratch)
     if cuda.threadIdx.x == 0:
         partials[row, segment, 0] = m
-        partials[row, segment, 1] = s
+        partials[row, segment, 1] = e
 
 
 @cuda.jit(cache=True)
@@ -106,10 +106,10 @@ def log_softmax_segments(x, partials, out):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = merged_stats(partials, row, scratch)
+    m, e = merged_stats(partials, row, scratch)
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     load_row(x, row, start, hi, size, cached)
-    write_log_softmax(x, out, row, start, hi, size, cached, m, s)
+    write_log_softmax(x, out, row, start, hi, size, cached, m, e)
 
 
 @cuda.jit(cache=True)
@@ -117,10 +117,10 @@ def softmax_segments(x, partials, out):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, s = merged_stats(partials, row, scratch)
+    m, e = merged_stats(partials, row, scratch)
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     load_row(x, row, start, hi, size, cached)
-    write_softmax(x, out, row, start, hi, size, cached, m, s)
+    write_softmax(x, out, row, start, hi, size, cached, m, e)
 
 
 @cuda.jit(cache=True)
@@ -128,9 +128,9 @@ def logsumexp_segments(partials, out):
     """One block a row: ``out[row]`` from the row's merged segments."""
     scratch = cuda.shared.array(WARP, float64)
     row = int64(cuda.blockIdx.x)
-    m, s = merged_stats(partials, row, scratch)
+    m, e = merged_stats(partials, row, scratch)
     if cuda.threadIdx.x == 0:
-        out[row] = finite_or_zero(m) + log_of_sum(s)
+        out[row] = finite_or_zero(m) + log_sum(e)
 
 
 

@@ -1,0 +1,166 @@
+"""Rows where one entry dominates: relative precision of what is small, on every backend.
+
+With ``r`` the sum of ``exp(x_j - m)`` over every entry but one equal to the max ``m``,
+``logsumexp = m + log1p(r)``, the dominant entry's log-probability is ``-log1p(r)`` and the
+cross-entropy of a row whose target is that entry is ``log1p(r)``: all of them tiny, and each
+must keep its *relative* precision (``logsumexp([0, -40])`` is 4.25e-18, not 0).  References are
+computed in long double from the very values the kernels read, so the bound is the kernels'
+own error: a few ulp of the sum of the small terms.
+
+Every kernel path is reached: one row and many, short rows (the tiled kernels, up to 32
+classes), long rows of several L1 blocks (more than 2048 classes, the dominant entry in any
+block), classes along a strided axis (the column kernels), rows held by a warp and by a block on
+CUDA, and rows split across Dask chunks (the partials and their merge).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastlsm
+
+LD = np.longdouble
+F32, F64 = np.float32, np.float64
+# A few ulp of a sum of up to thousands of terms, each rounded once (float32 lanes, float64 totals).
+RTOL = {F32: 64 * np.finfo(F32).eps, F64: 64 * np.finfo(F64).eps}
+# Gaps below the max: r from ~1e-2 down to the smallest the dtype's exp reaches.
+GAPS = {F32: (4.0, 20.0, 60.0), F64: (4.0, 40.0, 400.0)}
+
+
+def dominated(n_rows, n_classes, dtype, gap, positions, rng):
+    """Rows whose entry at ``positions[i]`` is 0 and the others ``-gap - u``, ``u`` in [0, 1)."""
+    x = (-gap - rng.random((n_rows, n_classes))).astype(dtype)
+    x[np.arange(n_rows), positions] = 0.0
+    return x
+
+
+def small_sum(x, axis=-1):
+    """``r`` along ``axis`` in long double, one entry equal to the max left out."""
+    a = np.moveaxis(x, axis, -1).astype(LD)
+    m = a.max(axis=-1, keepdims=True)
+    terms = np.exp(a - m)
+    np.put_along_axis(terms, np.argmax(a, axis=-1)[..., None], 0.0, axis=-1)
+    return np.moveaxis(terms.sum(axis=-1, keepdims=True), -1, axis), np.moveaxis(m, -1, axis)
+
+
+def check_relative(got, expected, dtype, what):
+    got = np.asarray(got, dtype=LD)
+    expected = np.asarray(expected, dtype=LD)
+    error = np.abs(got - expected) / np.abs(expected)
+    worst = np.unravel_index(np.argmax(error), error.shape)
+    assert error.max() <= RTOL[dtype], (
+        f"{what}: relative error {float(error.max()):.3g} at {worst}: got {float(got[worst])!r}, "
+        f"expected {float(expected[worst])!r}")
+
+
+def check_dominated(on, x, dtype, axis=-1):
+    """logsumexp, log_softmax (every entry) and the dominant entry's cross-entropy of ``x``."""
+    r, m = small_sum(x, axis)
+    lse = m + np.log1p(r)
+    check_relative(on.result(fastlsm.logsumexp(on.array(x), axis=axis)),
+                   np.squeeze(lse, axis), dtype, "logsumexp")
+    check_relative(on.result(fastlsm.log_softmax(on.array(x), axis=axis)),
+                   x.astype(LD) - lse, dtype, "log_softmax")
+    target = np.argmax(x, axis=axis)
+    loss = on.result(fastlsm.cross_entropy(on.array(x), on.array(target), axis=axis,
+                                           reduction="none"))
+    check_relative(loss, np.squeeze(np.log1p(r), axis), dtype, "cross_entropy")
+
+
+# Short rows (tiled), rows in one L1 block, rows of several blocks with the dominant entry in the
+# first, a middle and the last block; on CUDA warp rows, block rows and streamed rows.
+CLASSES = (2, 10, 32, 33, 500, 2100, 5000)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n_classes", CLASSES)
+def test_dominant_entry_at_every_position(on, dtype, n_classes, rng):
+    if on.name == "cuda" and n_classes > 500:
+        pytest.skip("long rows on the simulator: test_long_rows_on_cuda")
+    positions = np.unique(np.linspace(0, n_classes - 1, 7).astype(int))
+    for gap in GAPS[dtype]:
+        x = dominated(len(positions), n_classes, dtype, gap, positions, rng)
+        check_dominated(on, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_long_rows_on_cuda(dtype, rng):
+    """Rows streamed beyond the registers (and split into segments, few rows being long)."""
+    from checks import Cuda
+    cuda = Cuda()
+    cuda.available()
+    for n_classes in (2100, 20000):
+        positions = np.array([0, n_classes // 2, n_classes - 1])
+        check_dominated(cuda, dominated(3, n_classes, dtype, GAPS[dtype][1], positions, rng),
+                        dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_one_row_and_a_full_reduction(on, dtype):
+    x = np.array([0.0, -40.0 if dtype is F64 else -20.0], dtype)
+    r = np.exp(LD(x[1]))
+    check_relative(on.result(fastlsm.logsumexp(on.array(x))), np.log1p(r), dtype, "logsumexp")
+    check_relative(on.result(fastlsm.logsumexp(on.array(x[None]), axis=None)), np.log1p(r), dtype,
+                   "logsumexp over every axis")
+    check_relative(on.result(fastlsm.log_softmax(on.array(x)))[0], -np.log1p(r), dtype,
+                   "log_softmax")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_scipy_example(on, dtype):
+    """scipy.special.logsumexp's own: ``[0] + [-20] * 100`` (2.06e-7; 1.19e-7 before the fix)."""
+    x = np.array([0.0] + [-20.0] * 100, dtype)
+    check_relative(on.result(fastlsm.logsumexp(on.array(x))), np.log1p(100 * np.exp(LD(x[1]))),
+                   dtype, "logsumexp")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_ties_with_the_max(on, dtype, rng):
+    """Two entries equal to the max: ``log(2 + r)``, whichever blocks they fall in."""
+    for n_classes, pair in ((10, (0, 9)), (100, (3, 4)), (3000, (5, 2500))):
+        x = dominated(1, n_classes, dtype, 30.0, [pair[0]], rng)
+        x[0, pair[1]] = 0.0
+        r, m = small_sum(x)
+        assert float(r[0, 0]) > 1.0
+        check_relative(on.result(fastlsm.logsumexp(on.array(x))), np.log1p(r[:, 0]), dtype,
+                       "logsumexp")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_classes_along_a_strided_axis(on, dtype, rng):
+    """axis=0 of a C-ordered array: the CPU's column kernels."""
+    positions = np.arange(40) % 12
+    x = np.ascontiguousarray(dominated(40, 12, dtype, GAPS[dtype][1], positions, rng).T)
+    check_dominated(on, x, dtype, axis=0)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n_classes, chunk", [(12, 5), (3000, 1000)])
+def test_rows_split_across_dask_chunks(dtype, n_classes, chunk, rng):
+    """The class axis in several chunks: partials a chunk, merged; the dominant entry in each."""
+    da = pytest.importorskip("dask.array")
+    from checks import Dask
+    positions = np.array([0, chunk - 1, chunk, n_classes // 2, n_classes - 1])
+    x = dominated(len(positions), n_classes, dtype, GAPS[dtype][1], positions, rng)
+
+    class SplitDask(Dask):
+        def array(self, a):
+            if isinstance(a, np.ndarray) and a.ndim == 2:
+                return da.from_array(a, chunks=(2, chunk))
+            return super().array(a)
+    check_dominated(SplitDask(), x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_confident_right_answer_with_options(on, dtype, rng):
+    """The loss of a dominant target stays relatively exact with weights and the mean."""
+    positions = np.array([1, 4, 7])
+    x = dominated(3, 8, dtype, GAPS[dtype][1], positions, rng)
+    weight = np.linspace(0.5, 2.0, 8).astype(dtype)
+    r, _ = small_sum(x)
+    w_t = weight[positions].astype(LD)
+    expected = (w_t * np.log1p(r[:, 0])).sum() / w_t.sum()
+    got = on.result(fastlsm.cross_entropy(on.array(x), on.array(positions),
+                                          weight=on.array(weight)))
+    check_relative(got, expected, dtype, "cross_entropy mean")
