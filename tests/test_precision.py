@@ -85,15 +85,25 @@ def test_dominant_entry_at_every_position(on, dtype, n_classes, rng):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_long_rows_on_cuda(dtype, rng):
-    """Rows streamed beyond the registers (and split into segments, few rows being long)."""
+@pytest.mark.parametrize("split", [False, True], ids=["streamed", "split"])
+def test_long_rows_on_cuda(dtype, split, monkeypatch, rng):
+    """Rows streamed beyond the registers, and rows split into segments (few and long), with
+    blocks of one warp so that the simulator sees both at a small size."""
     from checks import Cuda
+    from fastlsm.backends.cuda import launch
+    from fastlsm.backends.cuda.kernels import primitives as kernels
     cuda = Cuda()
     cuda.available()
-    for n_classes in (2100, 20000):
-        positions = np.array([0, n_classes // 2, n_classes - 1])
-        check_dominated(cuda, dominated(3, n_classes, dtype, GAPS[dtype][1], positions, rng),
-                        dtype)
+    held = kernels.WARP * kernels.VALUES
+    monkeypatch.setattr(launch, "MIN_BLOCK", kernels.WARP)
+    monkeypatch.setattr(launch, "MAX_BLOCK", kernels.WARP)
+    n_classes = 2 * held + 100
+    if split:
+        monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)  # an H100's
+        monkeypatch.setattr(launch, "MIN_SEGMENT", held + 50)
+        assert launch.segments(3, n_classes) == 2
+    positions = np.array([0, n_classes // 2, n_classes - 1])
+    check_dominated(cuda, dominated(3, n_classes, dtype, GAPS[dtype][1], positions, rng), dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -130,8 +140,8 @@ def test_ties_with_the_max(on, dtype, rng):
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_classes_along_a_strided_axis(on, dtype, rng):
     """axis=0 of a C-ordered array: the CPU's column kernels."""
-    positions = np.arange(40) % 12
-    x = np.ascontiguousarray(dominated(40, 12, dtype, GAPS[dtype][1], positions, rng).T)
+    positions = np.arange(12)
+    x = np.ascontiguousarray(dominated(12, 12, dtype, GAPS[dtype][1], positions, rng).T)
     check_dominated(on, x, dtype, axis=0)
 
 

@@ -22,7 +22,7 @@ from fastlsm.backends.cuda.arrays import DeviceArray
 from fastlsm.backends.cuda.kernels import reduce
 from fastlsm.backends.cuda.kernels.loss import (CROSS_ENTROPY, CROSS_ENTROPY_PROBABILITIES,
                                                 NLL_LOSS, soft_cap_rows, soft_cap_slope_rows)
-from fastlsm.backends.cuda.kernels.primitives import RowKernels
+from fastlsm.backends.cuda.kernels.primitives import WARP, RowKernels
 from fastlsm.backends.cuda.launch import launch_rows, launch_segments, reduction_threads
 from fastlsm.backends.cuda.rows import Rows, cast_into, in_dtype, matrix_target, to_rows, unrows
 
@@ -180,16 +180,18 @@ def cross_entropy(spec: _spec.Loss):
     grad = _grad_target(spec, rows, logits)
     _launch_loss(kernels, matrix, target, terms, per_row, lse, grad[2], logits)
     if spec.softcap and spec.want_grad and matrix.size:
-        launch.launch(soft_cap_slope_rows, _row_blocks(matrix), SOFT_CAP_THREADS, matrix,
-                      spec.softcap, grad[2])
+        launch.launch(soft_cap_slope_rows, _row_blocks(matrix), _soft_cap_threads(matrix),
+                      matrix, spec.softcap, grad[2])
     return _finish(spec, rows, _reduced(spec, per_row, denominator, logits), grad, lse)
-
-
-SOFT_CAP_THREADS = 256
 
 
 def _row_blocks(matrix) -> int:
     return max(1, min(matrix.shape[0], 65535))
+
+
+def _soft_cap_threads(matrix) -> int:
+    """Whole warps enough for a row, up to 256: a block a row (grid-strided)."""
+    return min(256, -(-matrix.shape[1] // WARP) * WARP)
 
 
 def _soft_capped(matrix, softcap: float, like: DeviceArray):
@@ -198,7 +200,8 @@ def _soft_capped(matrix, softcap: float, like: DeviceArray):
     if not softcap or not matrix.size:
         return matrix
     capped = arrays.scratch(matrix.shape, matrix.dtype, like)
-    launch.launch(soft_cap_rows, _row_blocks(matrix), SOFT_CAP_THREADS, matrix, softcap, capped)
+    launch.launch(soft_cap_rows, _row_blocks(matrix), _soft_cap_threads(matrix), matrix, softcap,
+                  capped)
     return capped
 
 

@@ -11,8 +11,8 @@ summed as usual; only if its sum is below 2 (one dominant entry: there ``log(s)`
 small terms) is it summed again, with each term equal to 1 counted apart, from L1.  Below 2
 ``log`` is ill-conditioned; from 2 up its condition number is at most 1.44, so the plain sum is as
 good as the split one.  Rows without a dominant entry therefore pay nothing, and a dominated row
-one more pass over one block (the tiled kernels: over the row).  The column kernels, whose
-columns are strided, count the 1s apart in their one pass.
+one more pass over one block (the tiled and column kernels: over the row, in the order of their
+first pass).
 
 Rows of a few classes are handled a tile at a time: a loop over one short row is mostly vector
 tails and horizontal reductions, so :func:`tile_stats` finds a tile's statistics with the rows
@@ -254,16 +254,35 @@ def tile_stats(x, first, last):
                 partial[r] += exp(column[r] - shifts[r])
         for r in range(n_rows):
             sums[r] += partial[r]
-    # A dominated row is summed again from its own (contiguous) row, as a block of a long row:
-    # counting the 1s in the tile's pass cost 10-35% on 10-class rows that are not dominated.
+    # A dominated row is summed again: counting the 1s in the tile's pass cost 10-35% on 10-class
+    # rows that are not dominated.
     for r in range(n_rows):
-        m = maxima[r]
-        if sums[r] < 2.0 and math.isfinite(m):
-            rest, ties = _block_rest_and_ties(contiguous_row(x, first + r), 0, n_classes, m)
-            sums[r] = excess_of(rest, ties)
-        else:
-            sums[r] -= 1.0
+        sums[r] = excess_of_grouped_sum(contiguous_row(x, first + r), shifts[r], sums[r],
+                                        maxima[r])
     return maxima, sums
+
+
+@njit(inline="always")
+def excess_of_grouped_sum(values, shift, s, m):
+    """The excess of ``s``, a sum of ``exp(values - shift)`` taken SUM_COLUMNS terms at a time
+    (as the tile and column kernels take it); where it is below 2 (a dominated row) ``values``
+    are summed again in the same order with the 1s counted apart, so the tiled rows and the
+    columns give the same bits."""
+    if not (s < 2.0 and math.isfinite(m)):
+        return s - 1.0
+    one, zero = values.dtype.type(1.0), values.dtype.type(0.0)
+    rest, ties = 0.0, 0.0
+    n = values.shape[0]
+    for start in range(0, n, SUM_COLUMNS):
+        partial = zero
+        for j in range(start, min(start + SUM_COLUMNS, n)):
+            t = exp(values[j] - shift)
+            if t == one:
+                ties += 1.0
+            else:
+                partial += t
+        rest += partial
+    return excess_of(rest, ties)
 
 
 @njit
@@ -309,19 +328,14 @@ def column_strips(x):
 @njit
 def column_stats(slab, first, last):
     """``(maxima, shifts, excesses)`` of columns ``first:last`` of the ``(classes, width)``
-    ``slab``: :func:`row_stats` of each column, ``shifts = finite_or_zero(maxima)``, in one read.
-
-    Each column's terms equal to 1 (its running max) are counted apart from the rest; when the
-    max grows, the count joins the rest, rescaled."""
+    ``slab``: :func:`row_stats` of each column, ``shifts = finite_or_zero(maxima)``, in one read
+    (a dominated column is summed again, as in :func:`tile_stats`)."""
     width = last - first
     n_classes = slab.shape[0]
     maxima = np.full(width, -np.inf, slab.dtype)
     shifts = np.zeros(width, slab.dtype)
     sums = np.zeros(width)
-    ties = np.zeros(width)
     partial = np.empty(width, slab.dtype)
-    partial_ties = np.empty(width, slab.dtype)
-    one, zero = slab.dtype.type(1.0), slab.dtype.type(0.0)
     for start in range(0, n_classes, CLASS_BLOCK):
         stop = min(start + CLASS_BLOCK, n_classes)
         for c in range(start, stop):
@@ -332,27 +346,19 @@ def column_stats(slab, first, last):
             shift = finite_or_zero(maxima[w])
             # formulas.rescaled, in float64 (a column's sum may be rescaled once per block),
             # with the vectorised exp: math.exp would run this loop one column at a time.
-            grown = shift != shifts[w]
-            whole = sums[w] + ties[w]
-            brought = whole * exp(float(shifts[w]) - float(shift)) if whole != 0.0 else 0.0
-            sums[w] = brought if grown else sums[w]
-            ties[w] = 0.0 if grown else ties[w]
+            brought = sums[w] * exp(float(shifts[w]) - float(shift))
+            sums[w] = brought if sums[w] != 0.0 else 0.0
             shifts[w] = shift
         for group in range(start, stop, SUM_COLUMNS):
             partial[:] = 0.0
-            partial_ties[:] = 0.0
             for c in range(group, min(group + SUM_COLUMNS, stop)):
                 column = contiguous_row(slab, c)[first:last]
                 for w in range(width):
-                    t = exp(column[w] - shifts[w])
-                    tie = t == one
-                    partial[w] += zero if tie else t
-                    partial_ties[w] += one if tie else zero
+                    partial[w] += exp(column[w] - shifts[w])
             for w in range(width):
                 sums[w] += partial[w]
-                ties[w] += partial_ties[w]
     for w in range(width):
-        sums[w] = excess_of(sums[w], ties[w])
+        sums[w] = excess_of_grouped_sum(slab[:, first + w], shifts[w], sums[w], maxima[w])
     return maxima, shifts, sums
 
 
