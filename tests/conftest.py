@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import threading
 
 import numpy as np
@@ -21,8 +22,11 @@ def _simulate_warp_intrinsics() -> None:
     (numba issue 8433): ``shfl_xor_sync`` and ``syncwarp``.
 
     The simulator runs each CUDA thread of a block as a Python thread.  The lanes of a warp meet
-    at a barrier of their own: each posts its value, waits for the others, reads its partner's,
-    and waits again so that no lane overwrites a value another has yet to read.
+    at a barrier of their own: each posts its value, waits for the others and reads its
+    partner's.  Shuffles alternate between two sets of slots, so a lane posting to a set again
+    (two shuffles later) has passed the barrier of the shuffle between, which every lane reaches
+    only after reading that set: one barrier a shuffle, not two (the barriers are most of the
+    simulator's time in these kernels).
     """
     from numba.cuda.simulator import kernelapi
 
@@ -36,16 +40,18 @@ def _simulate_warp_intrinsics() -> None:
             warps = manager.__dict__.setdefault("fastlsm_warps", {})
             if index not in warps:
                 lanes = min(32, int(np.prod(manager._block_dim)) - 32 * index)
-                warps[index] = (threading.Barrier(lanes), [None] * 32)
+                warps[index] = (threading.Barrier(lanes), ([None] * 32, [None] * 32))
         return thread.thread_id % 32, *warps[index]
 
     def shfl_xor_sync(self, mask, value, lane_mask):
-        lane, barrier, slots = warp()
+        lane, barrier, slot_sets = warp()
+        thread = threading.current_thread()
+        phase = thread.__dict__.get("fastlsm_phase", 0)
+        thread.fastlsm_phase = 1 - phase
+        slots = slot_sets[phase]
         slots[lane] = value
         barrier.wait()
-        partner = slots[lane ^ lane_mask]
-        barrier.wait()
-        return partner
+        return slots[lane ^ lane_mask]
 
     def syncwarp(self, mask=0xFFFFFFFF):
         warp()[1].wait()
@@ -56,6 +62,10 @@ def _simulate_warp_intrinsics() -> None:
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     _simulate_warp_intrinsics()
+    # The simulated threads of a block hand the GIL on at every barrier, and a woken thread can
+    # wait out the holder's switch interval (5 ms by default) first.  Measured: a split-row
+    # log_softmax test took 42 s at the default and 11.6 s at 0.1 ms.
+    sys.setswitchinterval(1e-4)
 
 from checks import BACKENDS  # noqa: E402  (imports Numba: after the simulator is chosen)
 

@@ -120,11 +120,19 @@ def test_cross_entropy(on, name, rng):
         check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
 
 
+# The CUDA simulator runs a thread per CUDA thread (~10 s a case): on CUDA, where the cap and its
+# slope are passes of their own around the loss kernels that test_cross_entropy covers, the
+# soft cap runs on class indices, probabilities and 3-D input, one reduction each.
+CUDA_SOFTCAP_CASES = {"plain": "none", "probabilities": "mean", "z-loss": "sum"}
+
+
 @pytest.mark.parametrize("name", LOSS_CASES)
 def test_cross_entropy_softcap(on, name, rng):
+    if on.name == "cuda" and name not in CUDA_SOFTCAP_CASES:
+        pytest.skip("on CUDA, the soft cap runs on CUDA_SOFTCAP_CASES")
     shape_name, case_options, options = LOSS_CASES[name]
     case = make_case(shape_name, rng, dtype=F32, scale=20.0, **case_options)
-    for reduction in REDUCTIONS:
+    for reduction in (CUDA_SOFTCAP_CASES[name],) if on.name == "cuda" else REDUCTIONS:
         check_soft_capped(case, 15.0, reduction, options, f"{name}, reduction={reduction!r}",
                           on=on)
 
