@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="print versions, threads, threading layer, cache and CUDA status")
     from fastlsm import bench
     bench.add_arguments(commands.add_parser(
-        "bench", help="time fastlsm beside NumPy, SciPy, PyTorch and the memory floors",
+        "bench", help="time fastlsm beside NumPy, SciPy, PyTorch, JAX and the memory floors",
         description=bench.DESCRIPTION))
     args = parser.parse_args(argv)
     if args.command == "bench":

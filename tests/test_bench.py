@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastlsm import bench
-from fastlsm.bench import command, cpu, ops, timing
+from fastlsm.bench import command, cpu, floors, ops, timing
 
 TINY = ["--shapes", "64x10,4x300", "--repeat", "2", "--quiet"]
 
@@ -86,11 +86,40 @@ def test_python_m_fastlsm_bench():
     assert done.returncode == 0 and "--device" in done.stdout, done.stderr
 
 
-def test_slow_peers_are_skipped_only_past_the_run_budget():
-    assert cpu.skip_reason(1.0, spent_s=0.5, case_budget_s=2) is None
-    assert "run budget" in cpu.skip_reason(1.0, spent_s=1.5, case_budget_s=2)
-    assert cpu.skip_reason(0.001, spent_s=99, case_budget_s=2) is None     # cheap: never
-    assert cpu.skip_reason(5.0, spent_s=99, case_budget_s=0) is None       # 0: no cap
+def test_slow_peers_get_one_sample_only_past_the_run_budget():
+    assert not cpu.one_sample(0.1, spent_s=0.1, case_budget_s=2)
+    assert cpu.one_sample(1.0, spent_s=0.5, case_budget_s=2)       # 5 more would overrun
+    assert not cpu.one_sample(0.001, spent_s=99, case_budget_s=2)  # cheap: never
+    assert not cpu.one_sample(5.0, spent_s=99, case_budget_s=0)    # 0: no cap
+
+
+def test_every_peer_is_timed_even_past_the_budget(capsys):
+    bench.main(["--ops", "logsumexp", "--shapes", "64x10", "--repeat", "2", "--quiet",
+                "--budget", "1e-9", "--json", "/dev/null"])
+    out = capsys.readouterr().out
+    present = [name for name, version in ops.available_peers().items() if version]
+    assert set(present) <= set(table_rows(out))
+    summary = out[out.index("summary:"):].splitlines()
+    assert summary[1].split()[:4] == ["op", "shape", "dtype", "fastlsm"]
+    assert all(f"vs {name}" in summary[1] for name in present)
+    assert summary[2].split()[:3] == ["logsumexp", "64x10", "float32"]
+
+
+def test_the_floors_compute_what_they_time():
+    x = ops.make_inputs((300, 500), np.float32)
+    y = np.random.default_rng(3).standard_normal(x.x.shape).astype(np.float32)
+    floors.parallel_copy(x.x, x.out)
+    np.testing.assert_array_equal(x.out, x.x)
+    np.testing.assert_array_equal(floors.parallel_add(x.x, y), x.x + y)
+    np.testing.assert_allclose(floors.parallel_sum(x.x), x.x.sum(dtype=np.float64), rtol=1e-5)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        floors.parallel_sum(x.x[:, ::2])
+    for floor in ops.FLOORS.values():
+        name, call = ops.fastest_way(floor, ops.for_op(ops.OPS["log_softmax_backward"], x),
+                                     budget_s=0.001)
+        assert ops.floor_ways(floor)[name] is call
+    assert "np.copyto" in ops.floor_ways(ops.FLOORS["copy"])
+    assert "numba prange" in ops.floor_ways(ops.FLOORS["read"])
 
 
 def test_measure_loops_tiny_calls_and_honours_repeat():

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import numba
 import numpy as np
 
-from fastlsm.bench.ops import FLOORS, OPS, SCALE, Inputs, for_op
+from fastlsm.bench.ops import FLOORS, OPS, SCALE, Inputs, fastest_way, for_op
 from fastlsm.bench.timing import Warm, floor_ratio as _floor_ratio
 
 numba.njit(lambda: 0)()   # before the fork, see above: serial, no thread team starts
@@ -81,8 +82,8 @@ def targets(rows: int, classes: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def prepared(op_name: str, shape: str, dtype: str) -> tuple[Warm, Warm]:
-    """fastlsm's op and its floor on the same input, both warm.
+def prepared(op_name: str, shape: str, dtype: str) -> Warm:
+    """fastlsm's op on its input, warm.
 
     Memoised: asv calls ``setup()`` again before every timed call.  Raises NotImplementedError,
     which asv reports as a skip, for float64 on the LLM shapes.
@@ -90,8 +91,20 @@ def prepared(op_name: str, shape: str, dtype: str) -> tuple[Warm, Warm]:
     if dtype == "float64" and shape in LLM_SHAPES:
         raise NotImplementedError("float64 LLM-vocabulary logits are left out (see LLM_SHAPES)")
     op = OPS[op_name]
+    return Warm(op.call, for_op(op, inputs(shape, dtype)))
+
+
+@functools.lru_cache(maxsize=1)
+def prepared_floor(op_name: str, shape: str, dtype: str) -> Warm:
+    """The op's memory floor on the same input as :func:`prepared`'s, warm: the fastest here of
+    its ways that need no PyTorch (a Numba ``prange`` loop, NumPy), so that a tracked ratio does
+    not move with whether, or which, PyTorch is installed (and no benchmark process imports it
+    for its floor)."""
+    op = OPS[op_name]
+    floor = FLOORS[op.floor]
+    ways = {name: call for name, call in floor.ways.items() if name != "torch"}
     inp = for_op(op, inputs(shape, dtype))
-    return Warm(op.call, inp), Warm(FLOORS[op.floor].call, inp)
+    return Warm(fastest_way(replace(floor, ways=ways), inp)[1], inp)
 
 
 def floor_ratio(run: Warm, floor: Warm) -> float:

@@ -24,7 +24,7 @@ class Time:
     warmup_time = 0   # setup() has run every call once
 
     def setup(self, op, shape, dtype):
-        self.run = common.prepared(op, shape, dtype)[0]
+        self.run = common.prepared(op, shape, dtype)
         # asv calls setup() before every timed call and times each call alone unless `number`
         # says how many make a sample: a 5 us call needs a few thousand.
         self.number = self.run.calls_per_sample(0.01)
@@ -34,7 +34,8 @@ class Time:
 
 
 class FloorRatio:
-    """fastlsm's time over the memory floor's (a copy, or a read, of the same bytes).
+    """fastlsm's time over the memory floor's: a multi-threaded copy, or read, of the same bytes
+    (the fastest of :data:`fastlsm.bench.ops.FLOORS`' ways here).
 
     Both are timed in the same process in alternation, so the ratio holds still on a shared or
     noisy machine where times move by 1.5x: the regression gate watches these.  float32 only,
@@ -50,7 +51,8 @@ class FloorRatio:
     rounds = 1
 
     def setup(self, op, shape):
-        self.run, self.floor = common.prepared(op, shape, "float32")
+        self.run = common.prepared(op, shape, "float32")
+        self.floor = common.prepared_floor(op, shape, "float32")
 
     def track_op(self, op, shape):
         return common.floor_ratio(self.run, self.floor)

@@ -1,4 +1,4 @@
-"""fastlsm beside plain NumPy, SciPy and PyTorch (CPU) on the same inputs.
+"""fastlsm beside plain NumPy, SciPy, PyTorch and JAX (CPU) on the same inputs.
 
 The contender is a parameter, so one graph of the published report holds fastlsm and its peers
 over time.  The peers are the op table's (:data:`fastlsm.bench.ops.OPS`, plain NumPy first), on
@@ -21,7 +21,7 @@ CONTENDERS = ["fastlsm", *PEER_MODULES]
 def _contender_call(contender, op, shape):
     """``contender``'s ``op`` on a float32 ``shape`` input, warm; NotImplementedError skips."""
     if contender == "fastlsm":
-        return common.prepared(op, shape, "float32")[0]
+        return common.prepared(op, shape, "float32")
     call = peers_of(OPS[op]).get(contender)
     if call is None:
         raise NotImplementedError(f"{contender} has no {op}")

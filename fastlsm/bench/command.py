@@ -9,8 +9,8 @@ from fastlsm.bench import cluster, cpu, cuda
 from fastlsm.bench.ops import DEFAULT_OPS, OPS
 from fastlsm.bench.timing import shape_str
 
-DESCRIPTION = ("Time fastlsm beside NumPy, SciPy, PyTorch and the memory floors (on the CPU), "
-               "beside PyTorch (on a CUDA GPU), or on a local Dask cluster.")
+DESCRIPTION = ("Time fastlsm beside NumPy, SciPy, PyTorch, JAX and the memory floors (on the "
+               "CPU), beside PyTorch (on a CUDA GPU), or on a local Dask cluster.")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "a time budget per measurement; cuda: 20)")
     parser.add_argument("--budget", type=float, default=cpu.Config.run_budget_s,
                         help="seconds the peers may take, split evenly between the cases: a peer "
-                             "slower than 20 ms a call is skipped where it would overrun its "
-                             f"case's share; 0 never skips; cpu only "
+                             "slower than 20 ms a call is timed once (after a warm-up call) where "
+                             "more samples would overrun its case's share; 0: no cap; cpu only "
                              f"(default: {cpu.Config.run_budget_s:g})")
     parser.add_argument("--json", metavar="PATH", help="write the results as a list of records")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against columns "

@@ -1,14 +1,15 @@
-"""``fastlsm bench`` on the CPU: fastlsm beside NumPy, SciPy, PyTorch and the memory floors.
+"""``fastlsm bench`` on the CPU: fastlsm beside NumPy, SciPy, PyTorch, JAX and the memory floors.
 
 Everything runs in one process on the same input.  For every op, shape and dtype the table shows
 each contender's median time, the bandwidth it reaches (:func:`fastlsm.bench.ops.bytes_moved`),
-its time as a multiple of the memory floor measured right beside it
-(:data:`fastlsm.bench.ops.FLOORS`), fastlsm's speed-up over it, and its largest absolute error
-against a higher-precision reference.
+its time as a multiple of the memory floor measured right beside it (the fastest of the ways of
+:data:`fastlsm.bench.ops.FLOORS`: the machine's multi-threaded bandwidth), fastlsm's speed-up over
+it, and its largest absolute error against a higher-precision reference; a summary closes the run.
 
 :func:`run` walks dtypes x shapes x ops of :data:`fastlsm.bench.ops.OPS` and times each
 :class:`Contender` with :func:`fastlsm.bench.timing.measure`; :func:`format_table`,
-:func:`write_json` and :func:`write_plot` report; :func:`run_args` is the entry point.
+:func:`format_summary`, :func:`write_json` and :func:`write_plot` report; :func:`run_args` is the
+entry point.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import fastlsm
-from fastlsm.bench.ops import (FLOORS, OPS, Call, Inputs, Op, available_peers,
-                               bytes_moved, for_op, make_inputs, peers_of, reference_inputs)
+from fastlsm.bench.ops import (FLOORS, OPS, Call, Inputs, Op, available_peers, bytes_moved,
+                               floor_ways, for_op, make_inputs, peers_of, reference_inputs)
 from fastlsm.bench.timing import format_time, measure, shape_str
 
 DEFAULT_SHAPES = ((8192, 32000), (131072, 1000), (2000000, 10), (8, 262144),
@@ -54,9 +55,11 @@ class Contender:
 
 
 def contenders(op: Op, peers: dict[str, str | None]) -> list[Contender]:
-    """fastlsm first, then the floor, then the importable peers."""
+    """fastlsm first, then every way of taking the floor, then the importable peers."""
     floor = FLOORS[op.floor]
-    found = [Contender("fastlsm", "fastlsm", op.call), Contender(floor.name, "floor", floor.call)]
+    found = [Contender("fastlsm", "fastlsm", op.call)]
+    found += [Contender(f"{floor.name} ({way})", "floor", call)
+              for way, call in floor_ways(floor).items()]
     found += [Contender(name, "peer", call) for name, call in peers_of(op).items()
               if peers.get(name)]
     return found
@@ -97,7 +100,6 @@ class Record:
     max_error: float | None
     samples: int = 0
     calls_per_sample: int = 0
-    skipped: str | None = None
 
 
 @dataclass
@@ -111,17 +113,16 @@ class Config:
     progress: Callable[[str], None] = lambda line: None
 
 
-def skip_reason(estimate_s: float, spent_s: float, case_budget_s: float) -> str | None:
-    """Why a slow peer is skipped: only when its measurement would overrun its case's budget."""
-    if case_budget_s > 0 and estimate_s > 0.02 and spent_s + estimate_s > case_budget_s:
-        return (f"skipped: ~{format_time(estimate_s)}/call would overrun this case's "
-                f"{case_budget_s:.2g} s share of the run budget (--budget)")
-    return None
+def one_sample(first_s: float, spent_s: float, case_budget_s: float) -> bool:
+    """Whether a slow peer gets one timed call only: where more would overrun its case's
+    budget.  Every peer is timed at least once on every case."""
+    return case_budget_s > 0 and first_s > 0.02 and spent_s + MIN_SAMPLES * first_s > case_budget_s
 
 
 def bench_case(op: Op, inputs: Inputs, peers: dict[str, str | None], config: Config,
                case_budget_s: float) -> list[Record]:
-    """Every contender of ``op`` on one input, fastlsm first; peers share ``case_budget_s``."""
+    """Every contender of ``op`` on one input, fastlsm first, then the fastest way of taking the
+    floor, then the peers, which share ``case_budget_s`` for their samples."""
     peers_spent = 0.0
     shape, dtype = inputs.x.shape, inputs.x.dtype
     inputs = for_op(op, inputs)
@@ -132,18 +133,14 @@ def bench_case(op: Op, inputs: Inputs, peers: dict[str, str | None], config: Con
     for contender in contenders(op, peers):
         error = None
         if contender.kind != "floor":
-            start = time.perf_counter()
-            error = max_error(contender.call(small), expected)   # also the peers' warm-up
-            estimate = (time.perf_counter() - start) * inputs.x.size / small.x.size
-        if contender.kind != "peer":
-            contender.call(inputs)                                 # warm-up at full size
-        elif reason := skip_reason(estimate, peers_spent, case_budget_s):
-            records.append(Record(op.name, list(shape), dtype.name, contender.name,
-                                  contender.kind, None, None, None, None, error, skipped=reason))
-            config.progress(f"{op.name} {shape_str(shape)} {dtype.name} {contender.name}: {reason}")
-            continue
+            error = max_error(contender.call(small), expected)
         start = time.perf_counter()
-        timing = measure(lambda: contender.call(inputs), config.budget_s, config.repeat,
+        contender.call(inputs)            # warm-up at full size (XLA compiles for each shape)
+        repeat = config.repeat
+        if contender.kind == "peer" and one_sample(time.perf_counter() - start, peers_spent,
+                                                   case_budget_s):
+            repeat = 1
+        timing = measure(lambda: contender.call(inputs), config.budget_s, repeat,
                          min_samples=1 if contender.kind == "peer" else MIN_SAMPLES)
         if contender.kind == "peer":
             peers_spent += time.perf_counter() - start
@@ -153,12 +150,11 @@ def bench_case(op: Op, inputs: Inputs, peers: dict[str, str | None], config: Con
         config.progress(f"{op.name} {shape_str(shape)} {dtype.name} {contender.name:<10} "
                         f"{format_time(timing.median_s):>9}  ({timing.samples} x "
                         f"{timing.calls_per_sample} calls)")
-    floor_s = next(r.median_s for r in records if r.kind == "floor")
-    ours_s = records[0].median_s
+    floor = min((r for r in records if r.kind == "floor"), key=lambda r: r.median_s)
+    records = [r for r in records if r.kind != "floor" or r is floor]
     for record in records:
-        if record.median_s is not None:
-            record.floor_multiple = record.median_s / floor_s
-            record.speedup = record.median_s / ours_s
+        record.floor_multiple = record.median_s / floor.median_s
+        record.speedup = record.median_s / records[0].median_s
     return records
 
 
@@ -181,7 +177,8 @@ def run(config: Config, peers: dict[str, str | None] | None = None,
     emit(f"fastlsm warm-up (Numba compile or cache load, excluded from timings): "
          f"{warm_up_fastlsm(config.ops, config.dtypes):.2f} s")
     records: list[Record] = []
-    case_budget_s = config.run_budget_s / (len(config.dtypes) * len(config.shapes) * len(config.ops))
+    cases = len(config.dtypes) * len(config.shapes) * len(config.ops)
+    case_budget_s = config.run_budget_s / cases
     for dtype in config.dtypes:
         for shape in config.shapes:
             config.progress(f"generating {shape_str(shape)} {dtype.name} input")
@@ -191,6 +188,7 @@ def run(config: Config, peers: dict[str, str | None] | None = None,
                 records += case
                 emit(format_table(case))
             del inputs
+    emit(format_summary(records))
     emit(f"total {time.perf_counter() - started:.1f} s")
     return records
 
@@ -198,22 +196,36 @@ def run(config: Config, peers: dict[str, str | None] | None = None,
 def format_table(records: Sequence[Record]) -> str:
     """One op, shape and dtype: a header line and one row per contender."""
     first = records[0]
-    op = OPS[first.op]
-    floor_name = FLOORS[op.floor].name
-    moved = bytes_moved(op, tuple(first.shape), np.dtype(first.dtype))
+    moved = bytes_moved(OPS[first.op], tuple(first.shape), np.dtype(first.dtype))
     lines = [f"\n{first.op}  {shape_str(first.shape)}  {first.dtype}   "
-             f"({moved / 1e9:.3g} GB moved; floor: {floor_name})",
-             f"  {'contender':<12}{'median':>11}{'GB/s':>9}{'x floor':>10}"
+             f"({moved / 1e9:.3g} GB moved)",
+             f"  {'contender':<26}{'median':>11}{'GB/s':>9}{'x floor':>10}"
              f"{'fastlsm speed-up':>18}{'max error':>11}{'runs':>10}"]
     for r in records:
-        if r.skipped:
-            lines.append(f"  {r.contender:<12}{r.skipped}")
-            continue
         speedup = "" if r.kind == "fastlsm" else f"{r.speedup:.2f}x"
         error = "-" if r.max_error is None else f"{r.max_error:.1e}"
         runs = f"{r.samples}" + (f"x{r.calls_per_sample}" if r.calls_per_sample > 1 else "")
-        lines.append(f"  {r.contender:<12}{format_time(r.median_s):>11}{r.gbps:>9.3g}"
+        lines.append(f"  {r.contender:<26}{format_time(r.median_s):>11}{r.gbps:>9.3g}"
                      f"{r.floor_multiple:>9.2f}x{speedup:>18}{error:>11}{runs:>10}")
+    return "\n".join(lines)
+
+
+def format_summary(records: Sequence[Record]) -> str:
+    """One line per case: fastlsm's time, its multiple of the floor, and its speed-up over each
+    peer (``-``: the peer has no such op or is not installed)."""
+    peers = list(dict.fromkeys(r.contender for r in records if r.kind == "peer"))
+    cases = list(dict.fromkeys((r.op, tuple(r.shape), r.dtype) for r in records))
+    lines = ["\nsummary: fastlsm's multiple of the floor and its speed-up over each peer",
+             f"  {'op':<20}{'shape':>15}{'dtype':>9}{'fastlsm':>11}{'x floor':>9}"
+             + "".join(f"{'vs ' + p:>11}" for p in peers)]
+    for op, shape, dtype in cases:
+        case = {r.contender: r for r in records
+                if (r.op, tuple(r.shape), r.dtype) == (op, shape, dtype)}
+        ours = case["fastlsm"]
+        speedups = [f"{case[p].speedup:.2f}x" if p in case else "-" for p in peers]
+        lines.append(f"  {op:<20}{shape_str(shape):>15}{dtype:>9}"
+                     f"{format_time(ours.median_s):>11}{ours.floor_multiple:>8.2f}x"
+                     + "".join(f"{v:>11}" for v in speedups))
     return "\n".join(lines)
 
 
@@ -242,15 +254,17 @@ def write_plot(records: Sequence[Record], path: str) -> None:
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-    names = list(dict.fromkeys(r.contender for r in records))
+    def line(record: Record) -> str:      # the floor is one line, whichever way was fastest
+        return "floor" if record.kind == "floor" else record.contender
+
+    names = list(dict.fromkeys(map(line, records)))
     colours = {name: f"C{i}" for i, name in enumerate(names)}
     for ax, (op, dtype) in zip(axes.flat, panels):
-        mine = [r for r in records if r.op == op and r.dtype == dtype and r.gbps]
-        for name in dict.fromkeys(r.contender for r in mine):
-            points = sorted((r.shape[-1], r.shape[0], r.gbps) for r in mine if r.contender == name)
+        mine = [r for r in records if r.op == op and r.dtype == dtype]
+        for name in dict.fromkeys(map(line, mine)):
+            points = sorted((r.shape[-1], r.shape[0], r.gbps) for r in mine if line(r) == name)
             ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=name,
-                    color=colours[name],
-                    linestyle="--" if "floor" in name else "-")
+                    color=colours[name], linestyle="--" if name == "floor" else "-")
         ax.set(xscale="log", yscale="log", title=f"{op} ({dtype})", xlabel="columns",
                ylabel="GB/s")
         ax.grid(True, which="both", alpha=0.3)

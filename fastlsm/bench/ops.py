@@ -8,7 +8,9 @@ fastlsm is reached through its public API only; the peers are imported when firs
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 import fastlsm
+from fastlsm.bench import floors
+from fastlsm.bench.timing import measure
 
 SCALE = 3.0   # logits are standard normal * SCALE
 
@@ -34,6 +38,16 @@ class Inputs:
     out: Any = None
     forward: Any = None
     _torch: tuple[Any, Any] | None = field(default=None, repr=False)
+    _jax: tuple[Any, Any] | None = field(default=None, repr=False)
+
+    @property
+    def jax(self) -> tuple[Any, Any]:
+        """``(x, target)`` as JAX arrays on the CPU, copied once."""
+        if self._jax is None:
+            import jax.numpy as jnp
+            _jax_functions()     # float64 enabled before the arrays are made
+            self._jax = (jnp.asarray(self.x), jnp.asarray(self.target))
+        return self._jax
 
     @property
     def torch(self) -> tuple[Any, Any]:
@@ -147,7 +161,44 @@ def _scipy_cross_entropy(inp: Inputs) -> Any:
     return (special.logsumexp(inp.x, axis=-1) - inp.x[rows, inp.target]).mean()
 
 
-PEER_MODULES = {"numpy": "numpy", "scipy": "scipy.special", "torch": "torch"}
+@functools.cache
+def _jax_functions() -> dict[str, Callable[..., Any]]:
+    """The JAX peers, jitted once: XLA compiles each for the first shape and dtype it sees."""
+    import jax
+    import jax.numpy as jnp
+    # float64 inputs stay float64 (JAX would compute them in float32 otherwise)
+    jax.config.update("jax_enable_x64", True)
+
+    def cross_entropy(x, target):
+        lse = jax.nn.logsumexp(x, axis=-1)
+        return jnp.mean(lse - jnp.take_along_axis(x, target[:, None], axis=-1)[:, 0])
+
+    return {"log_softmax": jax.jit(lambda x: jax.nn.log_softmax(x, axis=-1)),
+            "softmax": jax.jit(lambda x: jax.nn.softmax(x, axis=-1)),
+            "logsumexp": jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1)),
+            "cross_entropy": jax.jit(cross_entropy),
+            "cross_entropy_grad": jax.jit(jax.value_and_grad(cross_entropy))}
+
+
+def _jax(name: str) -> Call:
+    """A jitted JAX function of the logits (and targets), on the JAX arrays of the input."""
+    takes_target = name.startswith("cross_entropy")
+
+    def call(inp: Inputs) -> Any:
+        x, target = inp.jax
+        result = _jax_functions()[name](*((x, target) if takes_target else (x,)))
+        return jax_ready(result)
+    return call
+
+
+def jax_ready(result: Any) -> Any:
+    """``result`` once computed: JAX dispatches asynchronously, a timed call must wait."""
+    for item in result if isinstance(result, tuple) else (result,):
+        item.block_until_ready()
+    return result
+
+
+PEER_MODULES = {"numpy": "numpy", "scipy": "scipy.special", "torch": "torch", "jax": "jax"}
 
 
 def available_peers() -> dict[str, str | None]:
@@ -169,27 +220,69 @@ def available_peers() -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class Floor:
-    """The least memory traffic any implementation of an op needs, timed as a NumPy call.
+    """The least memory traffic any implementation of an op needs, at the machine's
+    multi-threaded bandwidth.
 
-    ``elements(n, c)`` counts the elements it reads and writes.
+    ``ways`` times the same traffic several ways (NumPy, Numba ``prange`` loops of
+    :mod:`fastlsm.bench.floors`, PyTorch where it is installed); the floor is the fastest of them
+    on the machine at hand (:func:`fastest_way`).  ``elements(n, c)`` counts the elements it reads
+    and writes.
     """
 
     name: str
-    call: Call
+    ways: dict[str, Call]
     elements: Callable[[int, int], int]
     reads_target: bool = False
 
 
+def _torch_copy(i: Inputs) -> Any:
+    import torch
+    return torch.from_numpy(i.out).copy_(i.torch[0])
+
+
+def _torch_sum(i: Inputs) -> Any:
+    import torch
+    return torch.sum(i.torch[0])
+
+
 FLOORS: dict[str, Floor] = {
-    "copy": Floor("copy floor", lambda i: np.copyto(i.out, i.x), lambda n, c: 2 * n * c),
-    "read": Floor("read floor", lambda i: i.x.sum(), lambda n, c: n * c),
-    # the backward ops read two arrays and write a third
-    "add": Floor("add floor", lambda i: np.add(i.x, i.forward), lambda n, c: 3 * n * c),
+    "copy": Floor("copy floor", {"numba prange": lambda i: floors.parallel_copy(i.x, i.out),
+                                 "np.copyto": lambda i: np.copyto(i.out, i.x),
+                                 "torch": _torch_copy},
+                  lambda n, c: 2 * n * c),
+    # NumPy's x.sum() is one thread, and compute-bound: no read floor (see fastlsm.bench.floors)
+    "read": Floor("read floor", {"numba prange": lambda i: floors.parallel_sum(i.x),
+                                 "torch": _torch_sum},
+                  lambda n, c: n * c),
+    # the backward ops read two arrays and write a third, which they allocate (``out`` holds
+    # the forward's output)
+    "add": Floor("add floor", {"numba prange": lambda i: floors.parallel_add(i.x, i.forward),
+                               "np.add": lambda i: np.add(i.x, i.forward)},
+                 lambda n, c: 3 * n * c),
     # nll_loss reads one element a row
     "gather": Floor("gather floor",
-                    lambda i: np.take_along_axis(i.x, i.target[:, None], axis=1).sum(),
+                    {"np.take_along_axis":
+                     lambda i: np.take_along_axis(i.x, i.target[:, None], axis=1).sum()},
                     lambda n, c: n, reads_target=True),
 }
+
+
+def floor_ways(floor: Floor) -> dict[str, Call]:
+    """The ways of ``floor`` this machine can run (PyTorch's only where it imports)."""
+    torch_found = importlib.util.find_spec("torch") is not None
+    return {name: call for name, call in floor.ways.items() if torch_found or name != "torch"}
+
+
+def fastest_way(floor: Floor, inputs: Inputs, budget_s: float = 0.05) -> tuple[str, Call]:
+    """The name and call of the fastest of ``floor``'s ways on ``inputs`` (each run once to warm
+    up, then timed for ``budget_s``)."""
+    ways = floor_ways(floor)
+    times = {}
+    for name, call in ways.items():
+        call(inputs)
+        times[name] = measure(lambda: call(inputs), budget_s, min_samples=3).median_s
+    best = min(times, key=times.__getitem__)
+    return best, ways[best]
 
 
 @dataclass(frozen=True)
@@ -225,13 +318,15 @@ def _elementwise(n: int, c: int) -> int:
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("log_softmax", lambda i: fastlsm.log_softmax(i.x, out=i.out),
        lambda i: np_log_softmax(i.x), "copy", _elementwise,
-       {"scipy": _scipy("log_softmax"), "torch": _torch("log_softmax")}, log_values=True),
+       {"scipy": _scipy("log_softmax"), "torch": _torch("log_softmax"),
+        "jax": _jax("log_softmax")}, log_values=True),
     Op("softmax", lambda i: fastlsm.softmax(i.x, out=i.out),
        lambda i: np_softmax(i.x), "copy", _elementwise,
-       {"scipy": _scipy("softmax"), "torch": _torch("softmax")}),
+       {"scipy": _scipy("softmax"), "torch": _torch("softmax"), "jax": _jax("softmax")}),
     Op("logsumexp", lambda i: fastlsm.logsumexp(i.x),
        lambda i: np_logsumexp(i.x), "read", lambda n, c: n * c + n,
-       {"scipy": _scipy("logsumexp"), "torch": _torch("logsumexp")}, log_values=True),
+       {"scipy": _scipy("logsumexp"), "torch": _torch("logsumexp"), "jax": _jax("logsumexp")},
+       log_values=True),
     Op("log_softmax_backward", lambda i: fastlsm.log_softmax_backward(i.x, i.forward),
        lambda i: np_log_softmax_backward(i.x, i.forward), "add", lambda n, c: 3 * n * c, {},
        forward=fastlsm.log_softmax),
@@ -240,12 +335,14 @@ OPS: dict[str, Op] = {op.name: op for op in (
        forward=fastlsm.softmax),
     Op("cross_entropy", lambda i: fastlsm.cross_entropy(i.x, i.target),
        lambda i: np_cross_entropy(i.x, i.target), "read", lambda n, c: n * c + 1,
-       {"scipy": _scipy_cross_entropy, "torch": _torch_loss("cross_entropy")},
+       {"scipy": _scipy_cross_entropy, "torch": _torch_loss("cross_entropy"),
+        "jax": _jax("cross_entropy")},
        reads_target=True),
     Op("cross_entropy_grad",
        lambda i: fastlsm.cross_entropy(i.x, i.target, return_grad=True, grad_out=i.out),
        lambda i: np_cross_entropy_grad(i.x, i.target), "copy", lambda n, c: 2 * n * c + 1,
-       {"torch": _torch_cross_entropy_grad}, reads_target=True, in_place=True),
+       {"torch": _torch_cross_entropy_grad, "jax": _jax("cross_entropy_grad")},
+       reads_target=True, in_place=True),
     Op("nll_loss", lambda i: fastlsm.nll_loss(i.x, i.target),
        lambda i: np_nll_loss(i.x, i.target), "gather", lambda n, c: n + 1,
        {"torch": _torch_loss("nll_loss")}, reads_target=True),
