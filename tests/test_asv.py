@@ -55,7 +55,7 @@ def test_every_benchmark_runs_once(tmp_path, env):
 # -------------------------------------------------------------------------------------------------
 # The gate, on a throwaway repository: the working tree's package and suite committed as BASE,
 # then commits that change nothing the benchmark sees, that slow log_softmax down, and that break
-# it.  The gate measures log_softmax on (32, 10), float32 and float64.
+# it.  The gate measures log_softmax on (32, 10), float32 (the tiny suite's one dtype).
 #
 # On this project's shared 2-core VM an unchanged commit's times move by up to ~1.5x, and asv's
 # statistics do not always call that noise, so these tests gate at a factor of 3.  The slowed
@@ -128,8 +128,8 @@ def test_gate_fails_on_a_slowed_kernel(repo, env):
     status, out = gate(path, env, shas["base"], shas["slowed"])
     assert status == 1, out
     rows = changed_rows(out)
-    assert len(rows) == 2 and all(row.startswith("| +") for row in rows), out
-    assert "FAILED: 2 benchmark(s) slower than a factor 3" in out
+    assert len(rows) == 1 and rows[0].startswith("| +"), out
+    assert "FAILED: 1 benchmark(s) slower than a factor 3" in out
 
 
 def test_gate_passes_on_an_unchanged_commit(repo, env):
