@@ -1,5 +1,4 @@
-"""The vectorisable ``exp``, ``log1p`` and ``max`` of :mod:`fastlsm.backends.cpu.kernels._simd`
-against NumPy.
+"""The vectorisable ``exp`` and ``max`` of :mod:`fastlsm.backends.cpu.kernels._simd` against NumPy.
 
 Errors are in units in the last place (ulp) of the correctly rounded result, taken from a wider
 reference: float64 for float32, the x87 80-bit long double for float64 (where NumPy has one).
@@ -13,7 +12,7 @@ import pytest
 from numba import njit
 
 from fastlsm.backends.cpu.kernels import loss, softmax
-from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, log1p, max_ignoring_nan
+from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, max_ignoring_nan
 
 
 def elementwise(func):
@@ -29,7 +28,6 @@ def elementwise(func):
 
 exp_all = elementwise(exp)
 exp_summand_all = elementwise(exp_summand)
-log1p_all = elementwise(log1p)
 
 
 @njit
@@ -80,27 +78,6 @@ def test_special_values_and_range_ends(dtype):
     np.testing.assert_array_equal(np.isinf(got[keep]), np.isinf(expected[keep]))
     np.testing.assert_allclose(got[keep], expected[keep], rtol=2 * info.eps,
                                atol=info.smallest_subnormal)
-
-
-@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63, reason="no 80-bit long double here")
-def test_log1p_within_1_ulp(rng):
-    # Every binade of float64 above -1 (the excesses the kernels pass are 0 and up, or -1).
-    x = np.concatenate([np.exp(rng.uniform(-745.0, 709.7, 1_000_000)),
-                        -np.exp(rng.uniform(-745.0, 0.0, 200_000)), rng.uniform(-1.0, 1.0, 200_000),
-                        rng.uniform(0.0, 100.0, 200_000),
-                        -1.0 + np.spacing(1.0) * np.arange(1, 99)])
-    x = x[x > -1.0]
-    err = ulp_error(log1p_all(x), np.log1p(x.astype(np.longdouble)), np.float64)
-    assert err.max() <= 1.0, x[np.argmax(err)]
-
-
-def test_log1p_special_values():
-    x = np.array([0.0, -0.0, 5e-324, -1.0, np.inf, np.finfo(np.float64).max, -1.5, -np.inf, np.nan])
-    got = log1p_all(x)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        expected = np.log1p(x)
-    np.testing.assert_array_equal(got, expected)       # nan where NumPy has nan
-    np.testing.assert_array_equal(np.signbit(got[:5]), np.signbit(expected[:5]))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -170,14 +147,3 @@ def test_soft_cap_loop_vectorises(dtype):
     float_type = "float" if dtype == np.float32 else "double"
     divisions = [int(n) for n in re.findall(rf"fdiv[^<\n]*<(\d+) x {float_type}>", ir)]
     assert divisions and max(divisions) >= 16 // np.dtype(dtype).itemsize
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tile_log_sums_vectorise(dtype):
-    """The short-row kernels take each row's log1p across SIMD lanes (its two divisions)."""
-    kernel = numba.njit(error_model="numpy")(softmax.log_softmax_short_rows.serial.py_func)
-    x = np.ones((300, 10), dtype)
-    kernel(x, np.empty_like(x))
-    ir = kernel.inspect_llvm(kernel.signatures[0])
-    divisions = [int(n) for n in re.findall(r"fdiv[^<\n]*<(\d+) x double>", ir)]
-    assert divisions and max(divisions) >= 2
