@@ -1,4 +1,5 @@
-"""The vectorisable ``exp`` and ``max`` of :mod:`fastlsm.backends.cpu.kernels._simd` against NumPy.
+"""The vectorisable ``exp``, ``log1p`` and ``max`` of :mod:`fastlsm.backends.cpu.kernels._simd`
+against NumPy.
 
 Errors are in units in the last place (ulp) of the correctly rounded result, taken from a wider
 reference: float64 for float32, the x87 80-bit long double for float64 (where NumPy has one).
@@ -6,13 +7,14 @@ reference: float64 for float32, the x87 80-bit long double for float64 (where Nu
 
 import re
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import pytest
 from numba import njit
 
 from fastlsm.backends.cpu.kernels import loss, softmax
-from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, max_ignoring_nan
+from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, log1p, max_ignoring_nan
 
 
 def elementwise(func):
@@ -28,6 +30,7 @@ def elementwise(func):
 
 exp_all = elementwise(exp)
 exp_summand_all = elementwise(exp_summand)
+log1p_all = elementwise(log1p)
 
 
 @njit
@@ -80,6 +83,27 @@ def test_special_values_and_range_ends(dtype):
                                atol=info.smallest_subnormal)
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63, reason="no 80-bit long double here")
+def test_log1p_within_1_ulp(rng):
+    # Every binade of float64 above -1 (the excesses the kernels pass are 0 and up, or -1).
+    x = np.concatenate([np.exp(rng.uniform(-745.0, 709.7, 1_000_000)),
+                        -np.exp(rng.uniform(-745.0, 0.0, 200_000)), rng.uniform(-1.0, 1.0, 200_000),
+                        rng.uniform(0.0, 100.0, 200_000),
+                        -1.0 + np.spacing(1.0) * np.arange(1, 99)])
+    x = x[x > -1.0]
+    err = ulp_error(log1p_all(x), np.log1p(x.astype(np.longdouble)), np.float64)
+    assert err.max() <= 1.0, x[np.argmax(err)]
+
+
+def test_log1p_special_values():
+    x = np.array([0.0, -0.0, 5e-324, -1.0, np.inf, np.finfo(np.float64).max, -1.5, -np.inf, np.nan])
+    got = log1p_all(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.log1p(x)
+    np.testing.assert_array_equal(got, expected)       # nan where NumPy has nan
+    np.testing.assert_array_equal(np.signbit(got[:5]), np.signbit(expected[:5]))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exp_summand_is_exp_down_to_the_smallest_normal(dtype, rng):
     floor = {np.float32: -87.0, np.float64: -708.0}[dtype]  # just above log(smallest normal)
@@ -103,6 +127,14 @@ def test_max_ignores_nan(dtype, rng):
     assert max_all(x) == np.nanmax(x)
     assert max_all(np.full(37, np.nan, dtype)) == -np.inf
     assert max_all(np.array([-np.inf, np.inf], dtype)) == np.inf
+
+
+def host_lanes(dtype) -> int:
+    """SIMD lanes of ``dtype`` in the host's widest vector registers, as Numba targets them:
+    16 float32 on AVX-512 (Zen 4/5 run it full width), 8 on AVX2, else SSE's 4."""
+    features = llvm.get_host_cpu_features()
+    width = 64 if features.get("avx512f") else 32 if features.get("avx2") else 16
+    return width // np.dtype(dtype).itemsize
 
 
 # Kernels whose loops call exp, one per statistics pass (row_stats with and without storing the
@@ -130,7 +162,7 @@ def test_kernel_loops_vectorise(name, dtype):
     kernel(*arguments(x))
     ir = kernel.inspect_llvm(kernel.signatures[0])
     int_type, float_type = ("i32", "f32") if dtype == np.float32 else ("i64", "f64")
-    lanes = 16 // np.dtype(dtype).itemsize  # SSE's width at least
+    lanes = host_lanes(dtype)
     shl = [int(n) for n in re.findall(rf"shl <(\d+) x {int_type}>", ir)]
     maxnum = [int(n) for n in re.findall(rf"llvm\.maxnum\.v(\d+){float_type}", ir)]
     assert shl and max(shl) >= lanes, f"exp is not vectorised in {name}"
@@ -146,4 +178,15 @@ def test_soft_cap_loop_vectorises(dtype):
     ir = kernel.inspect_llvm(kernel.signatures[0])
     float_type = "float" if dtype == np.float32 else "double"
     divisions = [int(n) for n in re.findall(rf"fdiv[^<\n]*<(\d+) x {float_type}>", ir)]
-    assert divisions and max(divisions) >= 16 // np.dtype(dtype).itemsize
+    assert divisions and max(divisions) >= host_lanes(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_log_sums_vectorise(dtype):
+    """The short-row kernels take each row's log1p across SIMD lanes (its two divisions)."""
+    kernel = numba.njit(error_model="numpy")(softmax.log_softmax_short_rows.serial.py_func)
+    x = np.ones((300, 10), dtype)
+    kernel(x, np.empty_like(x))
+    ir = kernel.inspect_llvm(kernel.signatures[0])
+    divisions = [int(n) for n in re.findall(r"fdiv[^<\n]*<(\d+) x double>", ir)]
+    assert divisions and max(divisions) >= host_lanes(np.float64)

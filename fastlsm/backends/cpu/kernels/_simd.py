@@ -1,4 +1,4 @@
-"""``exp`` and ``max`` written so that LLVM vectorises the loops that call them.
+"""``exp``, ``log1p`` and ``max`` written so that LLVM vectorises the loops that call them.
 
 Numba on PyPI has no SVML: ``math.exp`` in a loop becomes one ``expf`` call per element.  The
 ``exp`` here is emitted as LLVM IR: a Cody-Waite range reduction, a minimax polynomial (Cephes'
@@ -6,7 +6,8 @@ degree 7 for float32, SLEEF's degree 11 for float64) and ``2**n`` built by integ
 bitcasts, all branch-free, so a loop of it runs 8 float32 / 4 float64 lanes wide.  Measured error:
 <= 1.01 ulp (every float32 in [-110, 95]), <= 0.98 ulp (5M float64 points; ``tests/test_simd.py``
 checks samples of both); ``exp(-inf) = 0``, ``exp(inf) = inf``, ``exp(nan) = nan``, overflow gives ``inf``,
-underflow gradual subnormals then 0.
+underflow gradual subnormals then 0.  ``log1p`` (float64) is musl's, its branches turned into
+selects: one a row in the short-row kernels, where libm's scalar call cost as much as the row.
 
 Every instruction carries the ``contract`` flag (FMA allowed): Numba's fast-math pass only flags
 instructions that have none, so a caller compiled with ``fastmath`` cannot reassociate the
@@ -43,20 +44,39 @@ _FLOAT64 = dict(
     int_type=ir.IntType(64), mantissa_bits=52, bias=1023, magic_bits=0x4338000000000000)
 
 
+class _FloatOps:
+    """Float arithmetic of one type on an ``ir.IRBuilder``, every instruction ``contract``."""
+
+    def __init__(self, builder, fty):
+        self.builder, self.fty = builder, fty
+
+    def const(self, v):
+        return ir.Constant(self.fty, v)
+
+    def add(self, a, b):
+        return self.builder.fadd(a, b, flags=_FLAGS)
+
+    def sub(self, a, b):
+        return self.builder.fsub(a, b, flags=_FLAGS)
+
+    def mul(self, a, b):
+        return self.builder.fmul(a, b, flags=_FLAGS)
+
+    def div(self, a, b):
+        return self.builder.fdiv(a, b, flags=_FLAGS)
+
+    def horner(self, z, coefficients):
+        """``coefficients[0] * z**(n-1) + ... + coefficients[-1]``."""
+        result = self.const(coefficients[0])
+        for coefficient in coefficients[1:]:
+            result = self.add(self.mul(result, z), self.const(coefficient))
+        return result
+
+
 def _emit_exp(builder, x, p, summand=False):
     fty = x.type
-
-    def const(v):
-        return ir.Constant(fty, v)
-
-    def add(a, b):
-        return builder.fadd(a, b, flags=_FLAGS)
-
-    def sub(a, b):
-        return builder.fsub(a, b, flags=_FLAGS)
-
-    def mul(a, b):
-        return builder.fmul(a, b, flags=_FLAGS)
+    ops = _FloatOps(builder, fty)
+    const, add, sub, mul = ops.const, ops.add, ops.sub, ops.mul
 
     # Clamp with ordered compares, which are false for nan: nan passes through.
     lo = p["lo_normal"] if summand else p["lo"]
@@ -67,9 +87,7 @@ def _emit_exp(builder, x, p, summand=False):
     n_float = sub(t, const(p["magic"]))
     r = sub(x, mul(n_float, const(p["ln2_hi"])))
     r = sub(r, mul(n_float, const(p["ln2_lo"])))
-    poly = const(p["poly"][0])
-    for coefficient in p["poly"][1:]:
-        poly = add(mul(poly, r), const(coefficient))
+    poly = ops.horner(r, p["poly"])
     y = add(add(mul(poly, mul(r, r)), r), const(1.0))
     ity = p["int_type"]
     n = builder.sub(builder.bitcast(t, ity), ir.Constant(ity, p["magic_bits"]))
@@ -110,6 +128,64 @@ def exp_summand(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return _emit_exp(builder, args[0], params, summand=True)
+    return x(x), codegen
+
+
+# musl's log1p: u = 1 + x = 2**k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)), log(1 + f) from
+# s = f / (2 + f) and a polynomial in s**2, and c / u for the rounding error of 1 + x.
+_LOG1P = dict(
+    ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10,
+    # musl's Lg1 ... Lg7, highest power first as _FloatOps.horner takes them.
+    even=(1.531383769920937332e-01, 2.222219843214978396e-01, 3.999999999940941908e-01),
+    odd=(1.479819860511658591e-01, 1.818357216161805012e-01, 2.857142874366239149e-01,
+         6.666666666666735130e-01),
+    to_sqrt_half=(0x3FF00000 - 0x3FE6A09E) << 32, sqrt_half=0x3FE6A09E << 32,
+    mantissa=(1 << 52) - 1, bias=0x3FF)
+
+
+def _emit_log1p(builder, x):
+    fty, ity, p = x.type, ir.IntType(64), _LOG1P
+    ops = _FloatOps(builder, fty)
+    const, add, sub, mul = ops.const, ops.add, ops.sub, ops.mul
+
+    one = const(1.0)
+    u = add(one, x)
+    bits = builder.add(builder.bitcast(u, ity), ir.Constant(ity, p["to_sqrt_half"]))
+    k = builder.sub(builder.lshr(bits, ir.Constant(ity, 52)), ir.Constant(ity, p["bias"]))
+    # The rounding error of u = 1 + x, relative to u: 1 - (u - x) is exact once u >= 2.
+    large = builder.icmp_signed(">=", k, ir.Constant(ity, 2))
+    c = ops.div(builder.select(large, sub(one, sub(u, x)), sub(x, sub(u, one))), u)
+    reduced = builder.add(builder.and_(bits, ir.Constant(ity, p["mantissa"])),
+                          ir.Constant(ity, p["sqrt_half"]))
+    f = sub(builder.bitcast(reduced, fty), one)
+    half_f2 = mul(mul(const(0.5), f), f)
+    s = ops.div(f, add(const(2.0), f))
+    z = mul(s, s)
+    w = mul(z, z)
+    r = add(mul(z, ops.horner(w, p["odd"])), mul(w, ops.horner(w, p["even"])))
+    dk = builder.sitofp(k, fty)
+    y = add(mul(s, add(half_f2, r)), add(mul(dk, const(p["ln2_lo"])), c))
+    y = add(add(sub(y, half_f2), f), mul(dk, const(p["ln2_hi"])))
+
+    def where(y, compare, op, a, b):
+        """``b`` where ``x op a`` holds, else ``y``."""
+        return builder.select(compare(op, x, const(a), flags=_FLAGS), b, y)
+
+    # log1p(-1) = -inf; +-0 and inf are their own log1p; below -1 and nan: nan.
+    y = where(y, builder.fcmp_ordered, "==", -1.0, const(-float("inf")))
+    y = where(y, builder.fcmp_ordered, "==", 0.0, x)
+    y = where(y, builder.fcmp_ordered, "==", float("inf"), x)
+    return where(y, builder.fcmp_unordered, "<", -1.0, const(float("nan")))
+
+
+@intrinsic
+def log1p(typingctx, x):
+    """``log1p(x)`` for a float64 ``x``, within 1 ulp, branch-free."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _emit_log1p(builder, args[0])
     return x(x), codegen
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
-from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows,
+from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, log_sums,
                                                 rescale_stored_exps, row_log_sum_exp, row_stats,
                                                 tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
@@ -108,9 +108,11 @@ def write_probability_grad(row, y, dst, shift, e, p_coef, weight, smoothing, n_c
 
 
 @njit(inline="always")
-def _finish_cross_entropy_row(i, row, x_t, t, m, e, stored_maxima, exps_stored, weight,
-                              total_weight, ignore_index, smoothing, z_loss, scale, loss, lse, grad):
-    """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, e)`` (:func:`row_stats`).
+def _finish_cross_entropy_row(i, row, x_t, t, m, e, log_s, stored_maxima, exps_stored,
+                              weight, total_weight, ignore_index, smoothing, z_loss, scale, loss,
+                              lse, grad):
+    """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, e)`` (:func:`row_stats`) and
+    ``log_s = log_sum(e)``.
 
     ``x_t`` is the target's logit, read before ``grad`` (which may be ``x``) was written; where
     ``exps_stored``, the grad row holds the stats pass's exps, shifted per block by
@@ -118,7 +120,6 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, e, stored_maxima, exps_stored, 
     """
     n_classes = row.shape[0]
     want_grad = grad.shape[0] > 0
-    log_s = log_sum(e)
     row_lse = finite_or_zero(m) + log_s
     lse[i] = row_lse
     if t == ignore_index:
@@ -197,8 +198,8 @@ def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoot
         m, e = row_stats(row, contiguous_row(grad, i), maxima)
     else:
         m, e = row_stats(row, row[:0], row[:0])
-    _finish_cross_entropy_row(i, row, x_t, target[i], m, e, maxima, store_exps, weight,
-                              total_weight, ignore_index, smoothing, z_loss,
+    _finish_cross_entropy_row(i, row, x_t, target[i], m, e, log_sum(e), maxima, store_exps,
+                              weight, total_weight, ignore_index, smoothing, z_loss,
                               row_scale(scale, row_scales, i), loss, lse, grad)
 
 
@@ -248,10 +249,11 @@ def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoo
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
         maxima, excesses = tile_stats(x, first, last)
+        log_s = log_sums(excesses)
         for i in range(first, last):
-            row = contiguous_row(x, i)
+            row, r = contiguous_row(x, i), i - first
             _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
-                                      target[i], maxima[i - first], excesses[i - first], row[:0],
+                                      target[i], maxima[r], excesses[r], log_s[r], row[:0],
                                       False, weight, total_weight, ignore_index, smoothing,
                                       z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
 

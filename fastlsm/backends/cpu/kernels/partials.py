@@ -248,7 +248,8 @@ def cross_entropy_probs_merge_rows(partials, z_loss, stats):
 def log_softmax_finish_rows(x, stats, out):
     """``out = (x - shift) - log(s)`` from the row's merged ``stats[i] = (m, e)``."""
     for i in prange(x.shape[0]):
-        write_log_softmax(contiguous_row(x, i), contiguous_row(out, i), stats[i, 0], stats[i, 1])
+        write_log_softmax(contiguous_row(x, i), contiguous_row(out, i), stats[i, 0],
+                          log_sum(stats[i, 1]))
 
 
 @rowwise

@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, column_stats,
-                                                column_strips, rescale_stored_exps,
+                                                column_strips, log_sums, rescale_stored_exps,
                                                 row_log_sum_exp, row_max_and_excess, row_stats,
                                                 strip_bounds, tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
@@ -22,11 +22,11 @@ from fastlsm.backends.formulas import finite_or_zero, log_sum
 
 
 @njit(inline="always")
-def write_log_softmax(row, dst, m, e):
+def write_log_softmax(row, dst, m, log_s):
     c = row.dtype.type(finite_or_zero(m))
-    log_s = row.dtype.type(log_sum(e))
+    c_log_s = row.dtype.type(log_s)
     for j in range(row.shape[0]):
-        dst[j] = (row[j] - c) - log_s
+        dst[j] = (row[j] - c) - c_log_s
 
 
 @rowwise
@@ -34,7 +34,7 @@ def log_softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
         m, e = row_max_and_excess(row)
-        write_log_softmax(row, contiguous_row(out, i), m, e)
+        write_log_softmax(row, contiguous_row(out, i), m, log_sum(e))
 
 
 @rowwise
@@ -42,9 +42,10 @@ def log_softmax_short_rows(x, out):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
         maxima, excesses = tile_stats(x, first, last)
+        log_s = log_sums(excesses)
         for i in range(first, last):
             write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
-                              maxima[i - first], excesses[i - first])
+                              maxima[i - first], log_s[i - first])
 
 
 @rowwise
@@ -89,8 +90,9 @@ def logsumexp_short_rows(x, out):
     for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
         first, last = tile_bounds(x.shape[0], tile)
         maxima, excesses = tile_stats(x, first, last)
+        log_s = log_sums(excesses)
         for r in range(last - first):
-            out[first + r] = finite_or_zero(float(maxima[r])) + log_sum(excesses[r])
+            out[first + r] = finite_or_zero(float(maxima[r])) + log_s[r]
 
 
 @rowwise
@@ -99,12 +101,12 @@ def log_softmax_columns(x, out):
         b, first, last = strip_bounds(x, task)
         slab, dst = x[b], out[b]
         maxima, shifts, excesses = column_stats(slab, first, last)
-        log_sums = np.log1p(excesses).astype(x.dtype)  # -inf for the -1 of an all -inf column
+        log_s = log_sums(excesses).astype(x.dtype)
         for c in range(slab.shape[0]):
             column = contiguous_row(slab, c)[first:last]
             dst_column = contiguous_row(dst, c)[first:last]
             for w in range(last - first):
-                dst_column[w] = (column[w] - shifts[w]) - log_sums[w]
+                dst_column[w] = (column[w] - shifts[w]) - log_s[w]
 
 
 @rowwise
@@ -128,8 +130,9 @@ def logsumexp_columns(x, out):
     for task in prange(x.shape[0] * column_strips(x)):
         b, first, last = strip_bounds(x, task)
         maxima, shifts, excesses = column_stats(x[b], first, last)
+        log_s = log_sums(excesses)
         for w in range(last - first):
-            out[b, first + w] = float(shifts[w]) + log_sum(excesses[w])
+            out[b, first + w] = float(shifts[w]) + log_s[w]
 
 
 LOG_SOFTMAX = RowKernels(rows=log_softmax_rows, short_rows=log_softmax_short_rows,
