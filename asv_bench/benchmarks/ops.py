@@ -44,7 +44,7 @@ class FloorRatio:
     which swings with the machine (``Time`` covers those, with asv's statistics).
     """
 
-    params = (list(common.OPS), common.SHAPES[:4])
+    params = (list(common.OPS), common.FLOOR_SHAPES)
     param_names = ("op", "shape")
     unit = "x floor"
     timeout = 300
