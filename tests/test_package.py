@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -45,6 +46,39 @@ def test_cli_info_reports_versions_threads_and_cache():
         assert facts.get(name), (name, proc.stdout)
     assert int(facts["threads"]) >= 1
     assert facts["threading layer"] in {"omp", "tbb", "workqueue"}
+
+
+def test_cli_compile_fills_the_cache_that_later_processes_load():
+    """After ``fastlsm compile``, another process's calls -- other shapes, options, targets and
+    layouts on the same kernel paths -- compile nothing: Numba's cache gains no file.  (The
+    suite's own cache: in a run of the whole suite most of these kernels are there already.)"""
+    proc = subprocess.run([sys.executable, "-m", "fastlsm.cli", "compile", "--dtype", "float32"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for layout in ("short rows", "rows", "columns", "strided", "total"):
+        assert layout in proc.stdout, proc.stdout
+    cache = Path(proc.stdout.rsplit("cache: ", 1)[1].strip())
+    compiled = set(cache.rglob("*.nbc"))
+    assert compiled, cache
+    later = run_python("""
+        import numpy as np, fastlsm
+        rng = np.random.default_rng(1)
+        for shape in [(3, 7), (50000, 12), (7, 333), (300, 2000)]:
+            x = rng.standard_normal(shape).astype(np.float32)
+            t = rng.integers(0, shape[1], shape[0])
+            w = rng.random(shape[1]).astype(np.float32)
+            fastlsm.log_softmax(x, out=np.empty_like(x))
+            fastlsm.logsumexp(x.reshape(1, *shape), keepdims=True)
+            fastlsm.softmax(x.T, axis=0)
+            fastlsm.log_softmax(x[:, ::2])
+            fastlsm.cross_entropy(x, t, w, label_smoothing=0.1, reduction="none")
+            fastlsm.cross_entropy(x, t.astype(np.int32), ignore_index=1, z_loss=1e-4,
+                                  return_grad=True)
+            fastlsm.cross_entropy(x.T[None], t[None], grad_out=np.empty_like(x.T[None]))
+            fastlsm.nll_loss(fastlsm.log_softmax(x.astype(np.float16)), t, w, reduction="sum")
+    """)
+    assert later.returncode == 0, later.stderr
+    assert set(cache.rglob("*.nbc")) == compiled
 
 
 def test_workqueue_layer_serialises_concurrent_calls_instead_of_aborting():
