@@ -95,10 +95,23 @@ def _numpy_dtype(dtype) -> np.dtype:
     """A device array's dtype as NumPy names it (PyTorch's ``torch.float32`` is ``float32``)."""
     if isinstance(dtype, np.dtype):
         return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "bfloat16":
+        return _bfloat16()
     try:
-        return np.dtype(str(dtype).removeprefix("torch."))
+        return np.dtype(name)
     except TypeError:
         raise TypeError(f"fastlsm does not support arrays of dtype {dtype}") from None
+
+
+def _bfloat16() -> np.dtype:
+    """NumPy's name for a bfloat16 tensor's dtype, ml_dtypes' (imported for such a tensor only)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 tensors need ml_dtypes, which gives NumPy the bfloat16 dtype "
+                        "that fastlsm's results are described by: pip install ml-dtypes") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def as_real_array(x, name: str) -> np.ndarray:

@@ -30,6 +30,9 @@ class Backend:
 
     name = ""
     out_type = "a numpy.ndarray"
+    # The ``device=`` that sends host data here (bfloat16, which only a PyTorch tensor holds on
+    # a GPU); None: where the data lives.
+    device = None
 
     def available(self) -> None:
         """Skips the test where this backend cannot run here."""
@@ -65,6 +68,7 @@ class Cuda(Backend):
 
     name = "cuda"
     out_type = "a device array for device input"
+    device = "cuda"
 
     def available(self) -> None:
         cuda = pytest.importorskip("numba.cuda")

@@ -55,6 +55,8 @@ def signatures(dtype) -> dict[str, tuple]:
         "reduce.sum_rows": (per_row, real, vector),
         "reduce.swap_last_axes": (types.Array(f, 3, "C"), types.Array(f, 3, "C")),
         "reduce.cast": (vector, per_row),
+        "reduce.widen_bfloat16": (types.Array(types.uint16, 1, "C"), vector),
+        "reduce.round_to_bfloat16": (vector, types.Array(types.uint16, 1, "C")),
     }
 
 

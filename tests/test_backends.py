@@ -219,11 +219,11 @@ def test_mean_over_weights_summing_to_zero(on, rng):
 
 
 # --- bfloat16 ------------------------------------------------------------------------------------
+# A Numba device array cannot hold bfloat16 (a PyTorch tensor can: test_cuda), so on CUDA the
+# bfloat16 arrays stay NumPy arrays, sent to the GPU by ``device="cuda"``.
 
-def bfloat16_or_skip(on):
-    """ml_dtypes' bfloat16 (the test extra has it); CUDA's refusal is test_cuda's."""
-    if on.name == "cuda":
-        pytest.skip("bfloat16 is a gap on CUDA (test_cuda checks the refusal)")
+def bfloat16_or_skip():
+    """ml_dtypes' bfloat16 (the test extra has it)."""
     return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
 
 
@@ -234,48 +234,72 @@ def as_bfloat16(values, bfloat16):
 @pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
 def test_bfloat16_is_float32_rounded_once(on, name, rng):
     """Computed in float32 from the exact float32 value of each input, returned rounded to the
-    nearest bfloat16 (ties to even): the float32 call's answer, rounded, bit for bit."""
-    bfloat16 = bfloat16_or_skip(on)
+    nearest bfloat16 (ties to even): the backend's float32 answer, rounded, bit for bit."""
+    bfloat16 = bfloat16_or_skip()
     x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
     function = getattr(fastlsm, name)
-    got = on.result(function(on.array(x)))
+    got = on.result(function(on.array(x), device=on.device))
     assert got.dtype == bfloat16
-    np.testing.assert_array_equal(got.view(np.uint16),
-                                  function(x.astype(F32)).astype(bfloat16).view(np.uint16))
+    float32 = on.result(function(on.array(x.astype(F32))))
+    np.testing.assert_array_equal(got.view(np.uint16), float32.astype(bfloat16).view(np.uint16))
     exact = getattr(ref, name)(x.astype(F64))
     np.testing.assert_allclose(got.astype(F64), exact, rtol=2.0 ** -8, atol=2.0 ** -16)
 
 
+def test_bfloat16_nonfinite_rows(on):
+    """inf, -inf and nan inputs (their bfloat16 words widened exactly) give the backend's
+    float32 answers, rounded: nan where they have nan."""
+    bfloat16 = bfloat16_or_skip()
+    x = as_bfloat16([[INF, 1.0, 2.0], [-INF, -INF, -INF], [np.nan, 0.0, 1.0], [-INF, 0.0, 3.0]],
+                    bfloat16)
+    for name in ("log_softmax", "softmax", "logsumexp"):
+        function = getattr(fastlsm, name)
+        got = on.result(function(on.array(x), device=on.device)).astype(F32)
+        float32 = on.result(function(on.array(x.astype(F32))))
+        np.testing.assert_array_equal(got, float32.astype(bfloat16).astype(F32), err_msg=name)
+
+
 def test_bfloat16_losses(on, rng):
-    bfloat16 = bfloat16_or_skip(on)
+    bfloat16 = bfloat16_or_skip()
     x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
     target = np.array([0, 5, 39, -100, 7, 3])
     weight = as_bfloat16(rng.uniform(0.5, 2.0, 40), bfloat16)
     for args in ((target,), (target, weight), (fastlsm.softmax(x),)):
         loss, grad = on.result(fastlsm.cross_entropy(on.array(x), *map(on.array, args),
-                                                     return_grad=True, label_smoothing=0.1))
+                                                     return_grad=True, label_smoothing=0.1,
+                                                     device=on.device))
         exact = [a.astype(F32) if a.dtype == bfloat16 else a for a in args]
-        expected = fastlsm.cross_entropy(x.astype(F32), *exact, return_grad=True,
-                                         label_smoothing=0.1)
+        expected = on.result(fastlsm.cross_entropy(on.array(x.astype(F32)),
+                                                   *map(on.array, exact), return_grad=True,
+                                                   label_smoothing=0.1))
         assert type(loss) is bfloat16.type and grad.dtype == bfloat16
         assert float(loss) == float(bfloat16.type(expected[0]))
         np.testing.assert_array_equal(grad.view(np.uint16),
                                       expected[1].astype(bfloat16).view(np.uint16))
     loss, grad = on.result(fastlsm.nll_loss(on.array(fastlsm.log_softmax(x)), on.array(target),
-                                            return_grad=True))
+                                            return_grad=True, device=on.device))
     assert type(loss) is bfloat16.type and grad.dtype == bfloat16
+    rows, lse = on.result(fastlsm.cross_entropy(on.array(x), on.array(target), reduction="none",
+                                                return_lse=True, device=on.device))
+    assert rows.dtype == bfloat16 and lse.dtype == bfloat16
+    exact = loss_ref.cross_entropy(x.astype(F64), target, reduction="none")
+    np.testing.assert_allclose(rows.astype(F64), exact[0], rtol=2.0 ** -8, atol=0)
+    np.testing.assert_allclose(lse.astype(F64), exact[2], rtol=2.0 ** -8, atol=0)
 
 
-def test_bfloat16_outputs(rng):
-    """``out=`` and ``grad_out=`` in bfloat16 (the CPU: Dask takes no ``out=``)."""
-    bfloat16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+def test_bfloat16_outputs(on, rng):
+    """``out=`` and ``grad_out=`` in bfloat16 (Dask takes no ``out=``), ``grad_out`` the input
+    itself."""
+    if on.name == "dask":
+        pytest.skip("Dask takes no out= (test_errors checks the refusal)")
+    bfloat16 = bfloat16_or_skip()
     x = as_bfloat16(logits((6, 40), F32, rng, nonfinite=False), bfloat16)
     out = np.empty_like(x)
-    assert fastlsm.log_softmax(x, out=out) is out
+    assert fastlsm.log_softmax(x, out=out, device=on.device) is out
     np.testing.assert_array_equal(out.view(np.uint16), fastlsm.log_softmax(x).view(np.uint16))
     target = np.array([0, 5, 39, -100, 7, 3])
     expected = fastlsm.cross_entropy(x, target, return_grad=True)
-    loss, grad = fastlsm.cross_entropy(x, target, grad_out=x)
+    loss, grad = fastlsm.cross_entropy(x, target, grad_out=x, device=on.device)
     assert grad is x and loss == expected[0]
     np.testing.assert_array_equal(x.view(np.uint16), expected[1].view(np.uint16))
     with pytest.raises(ValueError, match=r"^out has dtype float32, expected bfloat16"):

@@ -20,6 +20,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -41,6 +42,7 @@ from fastlsm.backends.cuda import backend as cuda_backend  # noqa: E402
 from fastlsm.backends.cuda import loss as cuda_loss  # noqa: E402
 from fastlsm.backends.cuda.kernels import primitives as kernels  # noqa: E402
 from fastlsm.backends.cuda.kernels import reduce  # noqa: E402
+from fastlsm.backends import formulas  # noqa: E402
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 # The simulator computes with NumPy scalars, which warn where a row's answer is nan (inf - inf).
@@ -512,12 +514,101 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert len(compiled) == 2 * 2 * len(signatures(np.float32)), result.stdout
 
 
-def test_bfloat16_is_refused_for_now():
-    """A gap, explicit until the kernels read bfloat16's bits (torch.bfloat16 tensors have no
-    __cuda_array_interface__ either: fastlsm names their dtype)."""
-    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
-    x = np.ones((2, 3), np.float32).astype(bfloat16)
-    for call in (lambda: fastlsm.log_softmax(x, device="cuda"),
-                 lambda: fastlsm.cross_entropy(x, np.array([0, 1]), device="cuda")):
-        with pytest.raises(TypeError, match=r"^bfloat16 is not supported on a CUDA device yet"):
-            call()
+# --- bfloat16: read and written as 16-bit words ----------------------------------------------------
+
+@numba.njit
+def _words_of(values, words):
+    for i in range(values.size):
+        words[i] = formulas.bfloat16_word(values[i])
+
+
+@numba.njit
+def _values_of(words, values):
+    for i in range(words.size):
+        values[i] = formulas.bfloat16_value(words[i])
+
+
+def _rounding_cases(rng) -> tuple[np.ndarray, np.ndarray]:
+    """float32 and float64 values for the rounding: random bits, and beside every bfloat16 the
+    float32s at and around its rounding boundaries (ties, subnormals, inf, nan of both signs),
+    and float64s a hair off them (a float32 would round the hair away)."""
+    upper = np.arange(1 << 16, dtype=np.uint32) << 16
+    near = (upper[:, None] + np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)).ravel()
+    f32 = np.concatenate([rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32),
+                          near]).view(F32)
+    wide = f32.astype(F64)
+    f64 = np.concatenate([rng.integers(0, 1 << 63, 1 << 20, dtype=np.uint64).view(F64), wide,
+                          wide * (1 + 2.0 ** -40), wide * (1 - 2.0 ** -40)])
+    return f32, f64
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # ml_dtypes' casts of nan and overflow
+def test_bfloat16_words_match_ml_dtypes(rng):
+    """The conversions the CUDA kernels use (plain njit functions, checked here on the CPU):
+    every word widens to ml_dtypes' float32 value, and float32 and float64 values round to
+    ml_dtypes' words, ties to even, once."""
+    bfloat16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    words = np.arange(1 << 16, dtype=np.uint16)
+    widened = np.empty(words.size, F32)
+    _values_of(words, widened)
+    expected = words.view(bfloat16).astype(F32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(widened), nan)
+    np.testing.assert_array_equal(widened[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    for values in _rounding_cases(rng):
+        rounded = np.empty(values.size, np.uint16)
+        _words_of(values, rounded)
+        np.testing.assert_array_equal(rounded, values.astype(bfloat16).view(np.uint16),
+                                      err_msg=str(values.dtype))
+
+
+def test_bfloat16_kernels_widen_and_round(rng):
+    """The device kernels over words and values at the edges (a few blocks, for the simulator)."""
+    bfloat16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    words = np.array([0x0000, 0x8000, 0x0001, 0x807F, 0x3F80, 0x7F7F, 0x7F80, 0xFF80, 0x7FC0,
+                      0xFFC1, 0x4049, 0xC2F7], np.uint16)
+    widened = cuda.device_array(words.size, F32)
+    launch.launch(reduce.widen_bfloat16, 1, 32, cuda.to_device(words), widened)
+    np.testing.assert_array_equal(widened.copy_to_host(), words.view(bfloat16).astype(F32))
+    f32, f64 = _rounding_cases(rng)
+    for values in (f32[-600:], f64[-600:], f64[:300]):
+        rounded = cuda.device_array(values.size, np.uint16)
+        launch.launch(reduce.round_to_bfloat16, 3, 256, cuda.to_device(values), rounded)
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = values.astype(bfloat16).view(np.uint16)
+        np.testing.assert_array_equal(rounded.copy_to_host(), expected)
+
+
+def test_torch_bfloat16_tensors(rng):
+    """PyTorch's bfloat16 CUDA tensors (no ``__cuda_array_interface__``: read as 16-bit words)
+    in, bfloat16 tensors out, ``out=`` and ``grad_out=`` too: the answers of the same values in
+    float32 on the GPU, rounded."""
+    if SIMULATED:
+        pytest.skip("PyTorch CUDA tensors need a real GPU")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    bfloat16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    x = logits((64, 3000), F32, rng, nonfinite=False).astype(bfloat16)
+    t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).cuda()
+    t32 = torch.from_numpy(x.astype(F32)).cuda()
+
+    def words(tensor):
+        return tensor.view(torch.int16).cpu().numpy().view(np.uint16)
+
+    def rounded(tensor):
+        return tensor.cpu().numpy().astype(bfloat16).view(np.uint16)
+
+    for name in ("log_softmax", "softmax", "logsumexp"):
+        got = getattr(fastlsm, name)(t)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16
+        np.testing.assert_array_equal(words(got), rounded(getattr(fastlsm, name)(t32)))
+    out = torch.empty_like(t)
+    assert fastlsm.log_softmax(t, out=out) is out
+    np.testing.assert_array_equal(words(out), rounded(fastlsm.log_softmax(t32)))
+    target = torch.from_numpy(rng.integers(0, 3000, 64)).cuda()
+    expected = fastlsm.cross_entropy(t32, target, return_grad=True)
+    loss, grad = fastlsm.cross_entropy(t, target, grad_out=t)
+    assert grad is t and loss.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.float().item(), expected[0].item(), rtol=2.0 ** -8)
+    np.testing.assert_array_equal(words(t), rounded(expected[1]))

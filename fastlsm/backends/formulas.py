@@ -178,3 +178,50 @@ def soft_cap_slope(z, inverse_cap, kind):
     to the capped logits to that with respect to the raw ones."""
     u = z * kind(inverse_cap)
     return (kind(1.0) - u) * (kind(1.0) + u)
+
+
+# --- bfloat16's 16-bit words ---------------------------------------------------------------------
+# Numba has no bfloat16, so the CUDA kernels read and write bfloat16 arrays as their 16-bit words
+# (the CPU converts through ml_dtypes, the caller's own library).  The conversions are plain
+# arithmetic, not bit casts: the CUDA simulator runs kernels as Python, which has no bit cast, and
+# plain njit functions let the tests check them against ml_dtypes on every word.
+
+@njit(inline="always")
+def bfloat16_value(word):
+    """The float32 value of the bfloat16 whose 16-bit word is ``word`` (exact: a bfloat16 is
+    float32's upper half); every nan word gives a nan."""
+    magnitude = word & 0x7FFF
+    biased, mantissa = magnitude >> 7, magnitude & 0x7F
+    if biased == 0xFF:
+        value = math.inf if mantissa == 0 else math.nan
+    elif biased == 0:  # subnormal: steps of 2**-133
+        value = math.ldexp(float(mantissa), -133)
+    else:
+        value = math.ldexp(float(mantissa + 128), biased - 134)
+    return -value if word & 0x8000 else value
+
+
+@njit(inline="always")
+def bfloat16_word(value):
+    """The 16-bit word of the bfloat16 nearest to ``value`` (a float32 or float64), ties to
+    even, as ml_dtypes rounds: past the largest bfloat16 to inf, a nan to the quiet nan of its
+    sign (0x7FC0, 0xFFC0).  Rounded once from ``value``'s own precision."""
+    sign = 0x8000 if math.copysign(1.0, value) < 0.0 else 0
+    magnitude = abs(float(value))
+    if magnitude != magnitude:
+        return sign | 0x7FC0
+    if magnitude == 0.0 or magnitude == math.inf:
+        return sign | (0x7F80 if magnitude == math.inf else 0)
+    exponent = math.frexp(magnitude)[1]  # 2**(exponent - 1) <= magnitude < 2**exponent
+    # bfloat16 holds 8 significant bits down to 2**-126, below that steps of 2**-133: so the
+    # magnitude rounds to a whole number of steps of 2**step, which scaling makes exact.
+    step = max(exponent, -125) - 8
+    steps = math.ldexp(magnitude, -step)
+    whole = math.floor(steps)
+    fraction = steps - whole
+    if fraction > 0.5 or (fraction == 0.5 and whole % 2.0 == 1.0):
+        whole += 1.0
+    # 128 steps and up are the normal numbers, whose biased exponent is step + 134; 256 steps
+    # (a carry) is the next exponent's 1.0, and a word from 0x7F80 up is inf.
+    word = ((step + 134) << 7) + int(whole) - 128
+    return sign | min(word, 0x7F80)

@@ -18,7 +18,25 @@ import numpy as np
 
 from fastlsm import _spec
 
-_TORCH_DTYPES = ("float16", "float32", "float64", "int64")
+_TORCH_DTYPES = ("float16", "float32", "float64", "int64", "bfloat16")
+
+BFLOAT16_WORDS = np.dtype(np.uint16)
+"""How a bfloat16 array is seen on the device: as its 16-bit words.  Numba has no bfloat16, and
+PyTorch's bfloat16 tensors have no ``__cuda_array_interface__``; their ``uint16`` views have.
+The words are widened to float32 to compute (:func:`.rows.values`) and results rounded back to
+them (:func:`.rows.cast_into`).  fastlsm's results are floating point, so a result or output view
+of this dtype holds a bfloat16 result."""
+
+
+def device_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype an array of ``dtype`` has on the device: :data:`BFLOAT16_WORDS` for bfloat16."""
+    return BFLOAT16_WORDS if _spec.is_bfloat16(dtype) else dtype
+
+
+def _interfaced(tensor):
+    """A PyTorch tensor as one with a ``__cuda_array_interface__``: bfloat16 as its words."""
+    import torch
+    return tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
 
 
 @functools.cache
@@ -81,6 +99,7 @@ class DeviceArray:
     view: Any       # numba device array (the simulator's in CI)
     library: str    # "numpy" (copied over), "numba", "cupy" or "torch"
     owner: Any      # the caller's object, or the contiguous copy made of it
+    bfloat16: bool = False  # ``view`` holds the words of bfloat16 values (BFLOAT16_WORDS)
 
 
 def on_device(arg: _spec.Argument) -> DeviceArray:
@@ -88,16 +107,20 @@ def on_device(arg: _spec.Argument) -> DeviceArray:
     that are not C-ordered are made so by their own library, on the device (a Numba device
     array is, as the backend's ``supports`` checked)."""
     x = arg.data
+    bfloat16 = _spec.is_bfloat16(arg.dtype)
     if arg.placement == _spec.HOST:
         host = x if x.flags.c_contiguous else x.copy()
-        return DeviceArray(cuda().to_device(host), "numpy", host)
+        view = cuda().to_device(host.view(device_dtype(host.dtype)))
+        return DeviceArray(view, "numpy", host, bfloat16)
     whose = library(x)
     owner = x
     if whose == "torch":
         owner = x.detach()
         if not owner.is_contiguous():
             owner = owner.contiguous()
-    elif whose == "cupy" and not x.flags.c_contiguous:
+        return DeviceArray(cuda().as_cuda_array(_interfaced(owner), sync=False), whose, owner,
+                           bfloat16)
+    if whose == "cupy" and not x.flags.c_contiguous:
         import cupy
         owner = cupy.ascontiguousarray(x)
     view = (cuda().as_cuda_array(owner, sync=False) if hasattr(owner, "__cuda_array_interface__")
@@ -115,8 +138,8 @@ def empty(shape: tuple[int, ...], dtype, like: DeviceArray):
     if like.library == "torch" and dtype.name in _TORCH_DTYPES:
         import torch
         result = torch.empty(shape, dtype=getattr(torch, dtype.name), device=like.owner.device)
-        return result, cuda().as_cuda_array(result, sync=False)
-    result = cuda().device_array(shape, dtype)
+        return result, cuda().as_cuda_array(_interfaced(result), sync=False)
+    result = cuda().device_array(shape, device_dtype(dtype))
     return result, result
 
 
@@ -126,10 +149,10 @@ def scratch(shape: tuple[int, ...], dtype, like: DeviceArray):
     return empty(shape, dtype, like)[1]
 
 
-def handed_back(result, like: DeviceArray):
-    """The result as the caller gets it: copied to the host for NumPy input."""
+def handed_back(result, like: DeviceArray, dtype: np.dtype):
+    """The result (of ``dtype``) as the caller gets it: copied to the host for NumPy input."""
     if like.library == "numpy":
-        host = result.copy_to_host()
+        host = result.copy_to_host().view(dtype)
         return host[()] if host.ndim == 0 else host
     return result
 
@@ -138,8 +161,8 @@ def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray):
     """The device view to write for a caller's ``out`` (checked by the spec): a NumPy ``out``
     for NumPy input gets a device buffer, copied into it by :func:`deliver`."""
     if like.library == "numpy":
-        return cuda().device_array(shape, dtype)
-    owner = out.detach() if library(out) == "torch" else out
+        return cuda().device_array(shape, device_dtype(dtype))
+    owner = _interfaced(out.detach()) if library(out) == "torch" else out
     return (cuda().as_cuda_array(owner, sync=False) if hasattr(owner, "__cuda_array_interface__")
             else owner)
 
@@ -147,5 +170,5 @@ def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray):
 def deliver(view, out, like: DeviceArray):
     """Hand back the caller's ``out``, filled from ``view`` where it is a host array."""
     if like.library == "numpy":
-        view.copy_to_host(out)
+        view.copy_to_host(out.view(view.dtype))
     return out

@@ -35,11 +35,7 @@ class CudaBackend:
     def supports(self, spec) -> Exception | None:
         """The gaps: class axes that are not adjacent (the kernels see rows as one C-ordered
         run), Numba device arrays or outputs that are not C-ordered (read and written in
-        place; CuPy and PyTorch inputs are made so by their own library), and bfloat16 (not
-        yet: the kernels would read its bits and convert them)."""
-        if _spec.is_bfloat16(spec.result_dtype):
-            return TypeError("bfloat16 is not supported on a CUDA device yet; cast to float32 "
-                             "first, or compute on the CPU")
+        place; CuPy and PyTorch inputs are made so by their own library)."""
         axes = getattr(spec, "axes", None)
         if axes is not None and not adjacent(axes):
             name = "x" if isinstance(spec, _spec.Rowwise) else "grad_output"

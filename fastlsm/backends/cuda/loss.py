@@ -24,7 +24,8 @@ from fastlsm.backends.cuda.kernels.loss import (CROSS_ENTROPY, CROSS_ENTROPY_PRO
                                                 NLL_LOSS, soft_cap_rows, soft_cap_slope_rows)
 from fastlsm.backends.cuda.kernels.primitives import WARP, RowKernels
 from fastlsm.backends.cuda.launch import launch_rows, launch_segments, reduction_threads
-from fastlsm.backends.cuda.rows import Rows, cast_into, in_dtype, matrix_target, to_rows, unrows
+from fastlsm.backends.cuda.rows import (Rows, cast_into, in_dtype, matrix_target, to_rows, unrows,
+                                        values)
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,8 +54,8 @@ def _row_scales(spec: _spec.Loss, like: DeviceArray):
     in the order of the rows); an empty array without it."""
     if spec.grad_loss is None:
         return _nothing((0,), np.float64)
-    view = arrays.on_device(spec.grad_loss).view
-    return in_dtype(view.reshape(spec.n_rows) if view.ndim != 1 else view, np.float64, like)
+    view = values(arrays.on_device(spec.grad_loss), np.float64, like)
+    return view.reshape(spec.n_rows) if view.ndim != 1 else view
 
 
 def _sum_rows(values, divisor: float, out) -> None:
@@ -67,7 +68,7 @@ def _weights(spec: _spec.Loss, like: DeviceArray, need_total: bool):
     and back) only where ``need_total`` says the kernels use it, 0 otherwise."""
     if spec.weight is None:
         return _unit_weight(spec.n_classes, spec.compute_dtype), float(spec.n_classes)
-    w = in_dtype(arrays.on_device(spec.weight).view, spec.compute_dtype, like)
+    w = values(arrays.on_device(spec.weight), spec.compute_dtype, like)
     if not need_total:
         return w, 0.0
     total = arrays.scratch((1,), np.float64, like)
@@ -119,23 +120,29 @@ def _reduced(spec: _spec.Loss, per_row, denominator: float, like: DeviceArray):
         return result
     result, dst = arrays.empty((), spec.result_dtype, like)
     divisor = denominator if spec.reduction == "mean" else 1.0
-    _sum_rows(per_row, divisor, dst.reshape(1))
+    if dst.dtype != arrays.BFLOAT16_WORDS:
+        _sum_rows(per_row, divisor, dst.reshape(1))
+        return result
+    total = arrays.scratch((1,), np.float64, like)  # rounded from float64 once, as on the CPU
+    _sum_rows(per_row, divisor, total)
+    cast_into(total, dst)
     return result
 
 
 def _finish(spec: _spec.Loss, rows: Rows, value, grad, lse):
     """``value``, then the gradient and the log-sum-exps where asked for, as the caller gets them."""
     like = rows.like
-    results = [arrays.handed_back(value, like)]
+    dtype = spec.result_dtype
+    results = [arrays.handed_back(value, like, dtype)]
     if spec.want_grad:
         result, dst, target = grad
         unrows(rows, target, dst)
-        results.append(arrays.handed_back(result, like) if spec.grad_out is None
+        results.append(arrays.handed_back(result, like, dtype) if spec.grad_out is None
                        else arrays.deliver(dst, spec.grad_out, like))
     if spec.return_lse:
         lse_result, dst = arrays.empty(spec.row_shape, spec.result_dtype, like)
         cast_into(lse, dst)
-        results.append(arrays.handed_back(lse_result, like))
+        results.append(arrays.handed_back(lse_result, like, dtype))
     return results[0] if len(results) == 1 else tuple(results)
 
 

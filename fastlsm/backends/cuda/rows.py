@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fastlsm.backends.cuda.arrays import DeviceArray, scratch
+from fastlsm.backends.cuda.arrays import BFLOAT16_WORDS, DeviceArray, scratch
 from fastlsm.backends.cuda.kernels import reduce
 from fastlsm.backends.cuda.launch import launch
 
@@ -39,12 +39,19 @@ def split(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int]
     return math.prod(shape[:first]), math.prod(shape[first:last + 1]), math.prod(shape[last + 1:])
 
 
-def cast_into(src, dst) -> None:
-    """``dst[...] = src`` in ``dst``'s dtype: C-ordered device arrays of one size, any shapes."""
+def _elementwise(kernel, src, dst) -> None:
+    """``kernel`` over C-ordered device arrays of one size, any shapes, seen as vectors."""
     if src.size:
         threads = 256
         blocks = min(-(-src.size // threads), 65535)  # the kernel strides over the rest
-        launch(reduce.cast, blocks, threads, src.reshape(src.size), dst.reshape(src.size))
+        launch(kernel, blocks, threads, src.reshape(src.size), dst.reshape(src.size))
+
+
+def cast_into(src, dst) -> None:
+    """``dst[...] = src`` in ``dst``'s dtype: C-ordered device arrays of one size, any shapes.
+    A result view of :data:`~.arrays.BFLOAT16_WORDS` gets ``src`` rounded to bfloat16 once."""
+    rounds = dst.dtype == BFLOAT16_WORDS and src.dtype.kind == "f"
+    _elementwise(reduce.round_to_bfloat16 if rounds else reduce.cast, src, dst)
 
 
 def cast(src, dtype, like: DeviceArray):
@@ -57,6 +64,16 @@ def cast(src, dtype, like: DeviceArray):
 def in_dtype(view, dtype, like: DeviceArray):
     """``view``, or a copy of it cast to ``dtype`` where it has another dtype."""
     return view if view.dtype == dtype else cast(view, dtype, like)
+
+
+def values(array: DeviceArray, dtype, like: DeviceArray):
+    """``array``'s values in ``dtype``: its view, or a copy cast (or, for bfloat16 words,
+    widened) to ``dtype``."""
+    if not array.bfloat16:
+        return in_dtype(array.view, dtype, like)
+    wide = scratch(tuple(array.view.shape), np.float32, like)
+    _elementwise(reduce.widen_bfloat16, array.view, wide)
+    return in_dtype(wide, dtype, like)
 
 
 def swap_last_axes(src, dst) -> None:
@@ -75,7 +92,7 @@ def as_matrix(view, outer: int, classes: int):
 
 def to_rows(array: DeviceArray, axes: tuple[int, ...], compute_dtype: np.dtype) -> Rows:
     """``array`` (never modified) as :class:`Rows` in ``compute_dtype``."""
-    view = in_dtype(array.view, compute_dtype, array)
+    view = values(array, compute_dtype, array)
     outer, classes, inner = split(tuple(view.shape) or (1,), axes)
     if inner == 1:
         return Rows(as_matrix(view, outer, classes), outer, classes, 1, array)

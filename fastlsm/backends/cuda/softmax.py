@@ -31,7 +31,7 @@ def _result(spec: _spec.Rowwise, like: DeviceArray):
 def _returned(spec: _spec.Rowwise, result, view, like: DeviceArray):
     if spec.out is not None:
         return arrays.deliver(view, spec.out, like)
-    return arrays.handed_back(result, like)
+    return arrays.handed_back(result, like, spec.result_dtype)
 
 
 def elementwise(kernels: RowKernels, spec: _spec.Rowwise):
@@ -85,7 +85,7 @@ def backward_pass(kernels: RowKernels, spec: _spec.Backward):
     target = matrix_target(g_rows, dst)
     _launch_backward(kernels, g_rows, y_rows.matrix, target)
     unrows(g_rows, target, dst)
-    return arrays.handed_back(result, g)
+    return arrays.handed_back(result, g, spec.result_dtype)
 
 
 def _launch_backward(kernels: RowKernels, g_rows: Rows, output, grad_input) -> None:

@@ -3,6 +3,8 @@
 from numba import cuda, float64, int64
 
 from fastlsm.backends.cuda.kernels.primitives import UNROLL, WARP, group_max, group_sum, load_chunk
+from fastlsm.backends.formulas import bfloat16_value, bfloat16_word
+
 
 @cuda.jit(cache=True)
 def check_targets(target, weight, ignore_index, out):
@@ -86,3 +88,17 @@ def cast(src, dst):
     """``dst[i] = src[i]`` in ``dst``'s dtype (float16 in and out of float32 computation)."""
     for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
         dst[i] = src[i]
+
+
+@cuda.jit(cache=True)
+def widen_bfloat16(words, dst):
+    """``dst[i]``: the float32 value of bfloat16 word ``words[i]``."""
+    for i in range(cuda.grid(1), words.shape[0], cuda.gridsize(1)):
+        dst[i] = bfloat16_value(words[i])
+
+
+@cuda.jit(cache=True)
+def round_to_bfloat16(src, words):
+    """``words[i]``: the word of the bfloat16 nearest to ``src[i]`` (ties to even)."""
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        words[i] = bfloat16_word(src[i])
