@@ -120,9 +120,9 @@ def test_cross_entropy(on, name, rng):
         check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
 
 
-# The CUDA simulator runs a thread per CUDA thread (~10 s a case): on CUDA, where the cap and its
-# slope are passes of their own around the loss kernels that test_cross_entropy covers, the
-# soft cap runs on class indices, probabilities and 3-D input, one reduction each.
+# The CUDA simulator runs a thread per CUDA thread (~10 s a case): on CUDA the soft cap runs on
+# class indices, probabilities and 3-D input, one reduction each (its launch modes, streamed
+# and split rows: test_cuda).
 CUDA_SOFTCAP_CASES = {"plain": "none", "probabilities": "mean", "z-loss": "sum"}
 
 

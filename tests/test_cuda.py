@@ -273,6 +273,41 @@ def test_cross_entropy_split_rows(split_rows, warp_blocks, monkeypatch, rng):
         check_lse(lse, expected_lse, scales, (5,), F64, f"{options} lse")
 
 
+@pytest.mark.parametrize("mode", ["streamed", "split"])
+def test_soft_cap_is_read_in_every_launch_mode(mode, request, monkeypatch, rng):
+    """The soft cap fused into the loss kernels where they stream a row past the registers and
+    where they split it into segments, class indices (smoothed) and probabilities, the gradient
+    written over the input too: the CPU's answers (test_loss checks those against the
+    reference)."""
+    if mode == "streamed":
+        n = request.getfixturevalue("streamed")
+    else:
+        request.getfixturevalue("split_rows")
+        request.getfixturevalue("warp_blocks")
+        monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
+        n = 1200
+    x = rng.standard_normal((4, n)) * 40.0  # many logits past the cap
+    assert launch.segments(*x.shape) == (2 if mode == "split" else 1)
+    target = np.array([0, n - 1, n // 2, 7])
+    weight = rng.uniform(0.5, 2.0, n)
+    smoothed = dict(label_smoothing=0.1, weight=weight)
+    for t, options in ((target, {}), (target, dict(smoothed, z_loss=1e-3)),
+                       (rng.dirichlet(np.ones(n), 4), smoothed)):
+        expected = fastlsm.cross_entropy(x, t, reduction="none", return_grad=True,
+                                         return_lse=True, softcap=30.0, **options)
+        got = fastlsm.cross_entropy(x, t, reduction="none", return_grad=True, return_lse=True,
+                                    softcap=30.0, device="cuda", **options)
+        for name, value, exact in zip(("loss", "grad", "lse"), got, expected):
+            np.testing.assert_allclose(value, exact, rtol=1e-12, atol=1e-17,
+                                       err_msg=f"{name} {options}")
+    dx = cuda.to_device(x)
+    _, same = fastlsm.cross_entropy(dx, target, grad_out=dx, softcap=30.0)
+    assert same is dx
+    np.testing.assert_allclose(dx.copy_to_host(),
+                               fastlsm.cross_entropy(x, target, return_grad=True, softcap=30.0)[1],
+                               rtol=1e-12, atol=1e-17)
+
+
 def test_cross_entropy_split_rows_mean_and_in_place(split_rows, warp_blocks, monkeypatch, rng):
     monkeypatch.setattr(launch, "MIN_SEGMENT", 600)
     x = rng.standard_normal((3, 1200))
@@ -514,7 +549,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert len(compiled) == 2 * 2 * len(signatures(np.float32)), result.stdout
 
 
-# --- bfloat16: read and written as 16-bit words ----------------------------------------------------
+# --- bfloat16: read and written as 16-bit words --------------------------------------------------
 
 @numba.njit
 def _words_of(values, words):

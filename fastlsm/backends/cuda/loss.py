@@ -3,9 +3,9 @@
 Class-index targets are range-checked on the device by a one-block kernel that also sums the
 ``mean`` denominator, and the call waits for its two numbers: that round trip is what lets a
 bad target raise its IndexError before any kernel writes a result.  Per-row losses are float64
-and reduced on the device in one block, in a fixed order.  With ``softcap`` the capped logits
-are a matrix of their own, and the gradient is brought to the raw logits by a pass of its own
-(:mod:`.kernels.loss` says why it is not fused yet).
+and reduced on the device in one block, in a fixed order.  With ``softcap`` the loss kernels
+read the logits capped and write the gradient with respect to the raw ones, in their one pass
+(:mod:`.kernels.loss`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from fastlsm.backends.cuda import arrays, launch
 from fastlsm.backends.cuda.arrays import DeviceArray
 from fastlsm.backends.cuda.kernels import reduce
 from fastlsm.backends.cuda.kernels.loss import (CROSS_ENTROPY, CROSS_ENTROPY_PROBABILITIES,
-                                                NLL_LOSS, soft_cap_rows, soft_cap_slope_rows)
-from fastlsm.backends.cuda.kernels.primitives import WARP, RowKernels
+                                                NLL_LOSS)
+from fastlsm.backends.cuda.kernels.primitives import RowKernels
 from fastlsm.backends.cuda.launch import launch_rows, launch_segments, reduction_threads
 from fastlsm.backends.cuda.rows import (Rows, cast_into, in_dtype, matrix_target, to_rows, unrows,
                                         values)
@@ -146,20 +146,22 @@ def _finish(spec: _spec.Loss, rows: Rows, value, grad, lse):
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _launch_loss(kernels: RowKernels, matrix, target, terms, per_row, lse, grad,
-                 like: DeviceArray) -> None:
+def _launch_loss(kernels: RowKernels, matrix, target, terms, softcap: float | None, per_row,
+                 lse, grad, like: DeviceArray) -> None:
     """A loss bundle's kernel over ``matrix`` (``target``: class indices or probabilities), or
-    its split form where the rows are long and few (:func:`~.launch.segments`)."""
+    its split form where the rows are long and few (:func:`~.launch.segments`).  ``softcap``
+    None compiles the kernels without the cap (a number is a specialisation of its own)."""
     n_rows, n_classes = matrix.shape
     n_segments = launch.segments(n_rows, n_classes)
     if n_segments == 1:
-        launch_rows(kernels.rows, n_rows, n_classes, matrix, target, *terms, per_row, lse, grad)
+        launch_rows(kernels.rows, n_rows, n_classes, matrix, target, *terms, softcap, per_row,
+                    lse, grad)
         return
     partials = arrays.scratch((n_rows, n_segments, kernels.partials), np.float64, like)
     launch_segments(kernels.segment_stats, n_classes, n_segments, matrix, target, terms.weight,
-                    terms.label_smoothing, partials)
-    launch_segments(kernels.segments, n_classes, n_segments, matrix, target, *terms, partials,
-                    per_row, lse, grad)
+                    terms.label_smoothing, softcap, partials)
+    launch_segments(kernels.segments, n_classes, n_segments, matrix, target, *terms, softcap,
+                    partials, per_row, lse, grad)
 
 
 def cross_entropy(spec: _spec.Loss):
@@ -180,36 +182,14 @@ def cross_entropy(spec: _spec.Loss):
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
                                 spec.z_loss, gradient_scale(spec, denominator),
                                 _row_scales(spec, logits))
-    matrix = _soft_capped(rows.matrix, spec.softcap, logits)
+    matrix = rows.matrix
     per_row = arrays.scratch((matrix.shape[0],), np.float64, logits)
     lse = (arrays.scratch((matrix.shape[0],), matrix.dtype, logits) if spec.return_lse
            else _nothing((0,), matrix.dtype))
     grad = _grad_target(spec, rows, logits)
-    _launch_loss(kernels, matrix, target, terms, per_row, lse, grad[2], logits)
-    if spec.softcap and spec.want_grad and matrix.size:
-        launch.launch(soft_cap_slope_rows, _row_blocks(matrix), _soft_cap_threads(matrix),
-                      matrix, spec.softcap, grad[2])
+    _launch_loss(kernels, matrix, target, terms, spec.softcap or None, per_row, lse, grad[2],
+                 logits)
     return _finish(spec, rows, _reduced(spec, per_row, denominator, logits), grad, lse)
-
-
-def _row_blocks(matrix) -> int:
-    return max(1, min(matrix.shape[0], 65535))
-
-
-def _soft_cap_threads(matrix) -> int:
-    """Whole warps enough for a row, up to 256: a block a row (grid-strided)."""
-    return min(256, -(-matrix.shape[1] // WARP) * WARP)
-
-
-def _soft_capped(matrix, softcap: float, like: DeviceArray):
-    """``softcap * tanh(matrix / softcap)`` as a matrix of its own (``matrix`` itself without
-    soft-capping): the loss kernels read it in place of the logits."""
-    if not softcap or not matrix.size:
-        return matrix
-    capped = arrays.scratch(matrix.shape, matrix.dtype, like)
-    launch.launch(soft_cap_rows, _row_blocks(matrix), _soft_cap_threads(matrix), matrix, softcap,
-                  capped)
-    return capped
 
 
 def nll_loss(spec: _spec.Loss):

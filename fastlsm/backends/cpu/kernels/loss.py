@@ -7,7 +7,8 @@ them.  ``grad`` is a ``(0, 0)`` array when the caller wants no gradient.  The fo
 are :mod:`fastlsm.backends.formulas`'.  The class-index kernels take their arguments after the
 targets in the order of :class:`~fastlsm.backends.base.ClassIndexTerms`, the probability-target
 kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`, then the soft-cap (0 for
-none; the CUDA kernels take none, see :mod:`fastlsm.backends.cuda.loss`).
+none; the CUDA kernels take None, which compiles the cap away: see
+:mod:`fastlsm.backends.cuda.kernels.loss`).
 """
 
 import math

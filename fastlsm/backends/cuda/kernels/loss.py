@@ -2,7 +2,10 @@
 :mod:`fastlsm.backends.formulas` (PyTorch's): per-row float64 losses, ``lse`` per row, and the
 gradient of the reduced loss where ``grad`` is not a (0, 0) array.  The class-index kernels take
 their arguments after the targets in the order of :class:`~fastlsm.backends.base.ClassIndexTerms`,
-the probability-target kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`.
+the probability-target kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`, then
+the soft cap, as the CPU's do: None for none, else every logit is read capped
+(:func:`~.primitives.soft_cap`) and every gradient brought back to the raw logits in the same
+pass.  Launched with None, the kernels compile to the code they had without the cap.
 """
 
 import math
@@ -13,10 +16,11 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
                                                       block_segment, fill_row, group_sum,
                                                       load_chunk, load_row, merged_stats,
                                                       row_group, row_in_range, row_stats,
+                                                      soft_cap, soft_capped_gradient,
                                                       tail_chunks)
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        log_sum, probability_gradient, probability_loss,
-                                       reshifted, smoothed_weight, soft_cap_slope, soft_capped)
+                                       reshifted, smoothed_weight)
 
 
 @cuda.jit(device=True)
@@ -27,7 +31,8 @@ def row_scale(scale, row_scales, row):
 
 
 @cuda.jit(device=True)
-def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_rows, scratch):
+def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_rows, scratch,
+                         softcap):
     """``sum_c weight[c] * (x[c] - shift)`` over the group's part of the row (float64), for
     label smoothing."""
     partial = 0.0
@@ -36,7 +41,7 @@ def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_row
         if j < n:
             partial += weight[j] * (cached[k] - shift)
     for j in range(start + VALUES * size, n, size):
-        partial += weight[j] * (x[row, j] - shift)
+        partial += weight[j] * (soft_cap(x[row, j], softcap, x.dtype.type) - shift)
     return group_sum(partial, warp_rows, scratch)
 
 
@@ -52,7 +57,8 @@ def class_grad(x_j, w_j, is_target, shift, a, b, target_term, smoothed):
 
 @cuda.jit(device=True)
 def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted, t, ignored, x_t,
-                         weight, total_weight, smoothing, z_loss, scale, loss, lse, grad):
+                         weight, total_weight, smoothing, z_loss, scale, loss, lse, grad,
+                         softcap):
     """The row's loss and lse (written by the ``leader`` thread) and the gradient over this
     thread's elements, from the row's ``(m, e)`` and ``weighted = sum_c weight[c] * (x[c] - m)``
     (used with label smoothing)."""
@@ -87,38 +93,42 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted,
     b = x.dtype.type(w_coef)
     target_term = x.dtype.type(t_coef)
     smoothed = smoothing > 0.0  # only then does the gradient read the weights
+    kind = x.dtype.type
     mine, my_weights, count = grad[row, start:], weight[start:], n - start
     target_at = t - start
     if smoothed:  # two loops rather than a test per class: each is unrolled whole
         for k in range(VALUES):
             j = k * size
             if j < count:
-                mine[j] = class_grad(cached[k], my_weights[j], j == target_at, shift, a, b,
-                                     target_term, True)
+                mine[j] = soft_capped_gradient(
+                    class_grad(cached[k], my_weights[j], j == target_at, shift, a, b,
+                               target_term, True), cached[k], softcap, kind)
     else:
         for k in range(VALUES):
             j = k * size
             if j < count:
-                mine[j] = class_grad(cached[k], 0, j == target_at, shift, a, b, target_term,
-                                     False)
+                mine[j] = soft_capped_gradient(
+                    class_grad(cached[k], 0, j == target_at, shift, a, b, target_term, False),
+                    cached[k], softcap, kind)
     w = cuda.local.array(UNROLL, weight.dtype)
     first = start + VALUES * size
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x[row], j, n, size, chunk, 0)
+        load_chunk(x[row], j, n, size, chunk, 0, softcap)
         if smoothed:
             load_chunk(weight, j, n, size, w, 0)
         for u in range(UNROLL):
             ju = j + u * size
             if ju < n:
-                grad[row, ju] = class_grad(chunk[u], w[u], ju == t, shift, a, b, target_term,
-                                           smoothed)
+                grad[row, ju] = soft_capped_gradient(
+                    class_grad(chunk[u], w[u], ju == t, shift, a, b, target_term, smoothed),
+                    chunk[u], softcap, kind)
 
 
 @cuda.jit(cache=True)
 def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                       row_scales, loss, lse, grad, warp_rows):
+                       row_scales, softcap, loss, lse, grad, warp_rows):
     row, rank, size = row_group(warp_rows)
     if not row_in_range(x, row):
         return
@@ -126,21 +136,21 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
     t = target[row]
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch, softcap)
     ignored = t == ignore_index
     weighted = 0.0
     if smoothing > 0.0 and math.isfinite(m) and not ignored:
         weighted = weighted_shifted_sum(x, row, rank, n, size, cached, weight, x.dtype.type(m),
-                                        warp_rows, scratch)
+                                        warp_rows, scratch, softcap)
     # The thread that holds the target's class reads its logit and writes the row's loss: it is
     # the only one to write the gradient there (grad may be x), and no load of the row waited on
     # the read, as they would at the start of the kernel.
     owns_target = not ignored and t % size == rank
-    x_t = x[row, t] if owns_target else x.dtype.type(0.0)
+    x_t = soft_cap(x[row, t], softcap, x.dtype.type) if owns_target else x.dtype.type(0.0)
     leader = owns_target or (ignored and rank == 0)
     finish_cross_entropy(x, row, rank, n, size, leader, cached, m, e, weighted, t, ignored, x_t,
                          weight, total_weight, smoothing, z_loss,
-                         row_scale(scale, row_scales, row), loss, lse, grad)
+                         row_scale(scale, row_scales, row), loss, lse, grad, softcap)
 
 
 # A split row's partials for the loss: ``(m, e, sum_c w_c (x_c - finite_or_zero(m)), sum_c w_c)``
@@ -150,17 +160,17 @@ CROSS_ENTROPY_PARTIALS = 5
 
 
 @cuda.jit(cache=True)
-def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
+def cross_entropy_segment_stats(x, target, weight, smoothing, softcap, partials):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, e = row_stats(x, row, start, hi, size, cached, False, scratch)
+    m, e = row_stats(x, row, start, hi, size, cached, False, scratch, softcap)
     weighted = 0.0
     total = 0.0
     if smoothing > 0.0:
         weighted = weighted_shifted_sum(x, row, start, hi, size, cached, weight,
-                                        x.dtype.type(finite_or_zero(m)), False, scratch)
+                                        x.dtype.type(finite_or_zero(m)), False, scratch, softcap)
         for j in range(start, hi, size):
             total += weight[j]
         total = group_sum(total, False, scratch)
@@ -171,12 +181,12 @@ def cross_entropy_segment_stats(x, target, weight, smoothing, partials):
         partials[row, segment, 3] = total
         t = target[row]
         if lo <= t < hi:
-            partials[row, 0, 4] = x[row, t]
+            partials[row, 0, 4] = soft_cap(x[row, t], softcap, x.dtype.type)
 
 
 @cuda.jit(cache=True)
 def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
-                           row_scales, partials, loss, lse, grad):
+                           row_scales, softcap, partials, loss, lse, grad):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     if segment > 0 and grad.shape[0] == 0:
         return  # the first segment's block writes the loss; without a gradient, nothing else
@@ -194,14 +204,14 @@ def cross_entropy_segments(x, target, weight, total_weight, ignore_index, smooth
         weighted = group_sum(weighted, False, scratch)
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     if grad.shape[0] > 0:
-        load_row(x, row, start, hi, size, cached)
+        load_row(x, row, start, hi, size, cached, softcap)
     finish_cross_entropy(x, row, start, hi, size, segment == 0 and cuda.threadIdx.x == 0, cached,
                          m, e, weighted, t, ignored, x_t, weight, total_weight, smoothing, z_loss,
-                         row_scale(scale, row_scales, row), loss, lse, grad)
+                         row_scale(scale, row_scales, row), loss, lse, grad, softcap)
 
 
 @cuda.jit(device=True)
-def probability_sums(x, y, weight, row, start, n, size, cached, shift, smoothing):
+def probability_sums(x, y, weight, row, start, n, size, cached, shift, smoothing, softcap):
     """This thread's float64 ``(sum wy, sum wy * (x - shift))`` over its elements, where
     ``wy = weight * y`` with ``y`` smoothed."""
     keep = x.dtype.type(1.0 - smoothing)
@@ -217,13 +227,13 @@ def probability_sums(x, y, weight, row, start, n, size, cached, shift, smoothing
     for j in range(start + VALUES * size, n, size):
         wy = smoothed_weight(weight[j], y[row, j], keep, spread)
         wy_partial += wy
-        wyx_partial += wy * (x[row, j] - shift)
+        wyx_partial += wy * (soft_cap(x[row, j], softcap, x.dtype.type) - shift)
     return wy_partial, wyx_partial
 
 
 @cuda.jit(device=True)
 def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached, m, e, wy_sum,
-                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad):
+                               wyx_sum, smoothing, z_loss, scale, loss, lse, grad, softcap):
     """The row's loss and lse (by the ``leader``) and the gradient over this thread's elements,
     from the row's ``(m, e)`` and sums ``wy_sum``, ``wyx_sum`` (:func:`probability_sums` with
     ``shift = m``)."""
@@ -242,53 +252,61 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
         loss[row] = probability_loss(wy_sum, wyx_sum, log_s, z_loss, row_lse)
     if not want_grad:
         return
-    shift = x.dtype.type(m)
-    keep = x.dtype.type(1.0 - smoothing)
-    spread = x.dtype.type(smoothing / x.shape[1])
-    a = x.dtype.type(probability_gradient(wy_sum, z_loss, row_lse, scale) / (1.0 + e))
-    b = x.dtype.type(scale)
+    kind = x.dtype.type
+    shift = kind(m)
+    keep = kind(1.0 - smoothing)
+    spread = kind(smoothing / x.shape[1])
+    a = kind(probability_gradient(wy_sum, z_loss, row_lse, scale) / (1.0 + e))
+    b = kind(scale)
     mine, my_weights, my_y, count = grad[row, start:], weight[start:], y[row, start:], n - start
+    capped = cuda.local.array(VALUES, x.dtype)  # the capped logits, for the slope: soft cap only
+    if softcap is not None:
+        for k in range(VALUES):
+            capped[k] = cached[k]
     for k in range(VALUES):  # two loops: one would be too long to unroll whole in float64
         cached[k] = math.exp(cached[k] - shift) * a
     for k in range(VALUES):  # a load before each store: see primitives' "the losses' cached part"
         j = k * size
         if j < count:
-            mine[j] = cached[k] - smoothed_weight(my_weights[j], my_y[j], keep, spread) * b
+            mine[j] = soft_capped_gradient(
+                cached[k] - smoothed_weight(my_weights[j], my_y[j], keep, spread) * b, capped[k],
+                softcap, kind)
     w = cuda.local.array(UNROLL, weight.dtype)
     p = cuda.local.array(UNROLL, y.dtype)
     first = start + VALUES * size
     chunk = cuda.local.array(UNROLL, x.dtype)
     for q in range(tail_chunks(first, n, size) - 1, -1, -1):
         j = first + q * UNROLL * size
-        load_chunk(x[row], j, n, size, chunk, 0)
+        load_chunk(x[row], j, n, size, chunk, 0, softcap)
         load_chunk(weight, j, n, size, w, 0)
         load_chunk(y[row], j, n, size, p, 0)
         for u in range(UNROLL):
             if j + u * size < n:
-                grad[row, j + u * size] = (math.exp(chunk[u] - shift) * a
-                                           - smoothed_weight(w[u], p[u], keep, spread) * b)
+                grad[row, j + u * size] = soft_capped_gradient(
+                    math.exp(chunk[u] - shift) * a - smoothed_weight(w[u], p[u], keep, spread) * b,
+                    chunk[u], softcap, kind)
 
 
 @cuda.jit(cache=True)
-def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, loss, lse, grad,
-                             warp_rows):
+def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, softcap, loss,
+                             lse, grad, warp_rows):
     row, rank, size = row_group(warp_rows)
     if not row_in_range(x, row):
         return
     n = x.shape[1]
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch)
+    m, e = row_stats(x, row, rank, n, size, cached, warp_rows, scratch, softcap)
     wy_sum = 0.0
     wyx_sum = 0.0
     if math.isfinite(m):
         wy_partial, wyx_partial = probability_sums(x, y, weight, row, rank, n, size, cached,
-                                                   x.dtype.type(m), smoothing)
+                                                   x.dtype.type(m), smoothing, softcap)
         wy_sum = group_sum(wy_partial, warp_rows, scratch)
         wyx_sum = group_sum(wyx_partial, warp_rows, scratch)
     finish_cross_entropy_probs(x, y, weight, row, rank, n, size, rank == 0, cached, m, e, wy_sum,
                                wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
-                               lse, grad)
+                               lse, grad, softcap)
 
 
 # A split row's partials for probability targets: ``(m, e, sum wy,
@@ -297,14 +315,15 @@ PROBABILITY_PARTIALS = 4
 
 
 @cuda.jit(cache=True)
-def cross_entropy_probs_segment_stats(x, y, weight, smoothing, partials):
+def cross_entropy_probs_segment_stats(x, y, weight, smoothing, softcap, partials):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     cached = cuda.local.array(VALUES, x.dtype)
     scratch = cuda.shared.array(WARP, float64)
-    m, e = row_stats(x, row, start, hi, size, cached, False, scratch)
+    m, e = row_stats(x, row, start, hi, size, cached, False, scratch, softcap)
     wy_partial, wyx_partial = probability_sums(x, y, weight, row, start, hi, size, cached,
-                                               x.dtype.type(finite_or_zero(m)), smoothing)
+                                               x.dtype.type(finite_or_zero(m)), smoothing,
+                                               softcap)
     wy = group_sum(wy_partial, False, scratch)
     wyx = group_sum(wyx_partial, False, scratch)
     if cuda.threadIdx.x == 0:
@@ -315,8 +334,8 @@ def cross_entropy_probs_segment_stats(x, y, weight, smoothing, partials):
 
 
 @cuda.jit(cache=True)
-def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_scales, partials,
-                                 loss, lse, grad):
+def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_scales, softcap,
+                                 partials, loss, lse, grad):
     row, segment, lo, hi = block_segment(x.shape[1], partials.shape[1])
     if segment > 0 and grad.shape[0] == 0:
         return  # the first segment's block writes the loss; without a gradient, nothing else
@@ -334,11 +353,11 @@ def cross_entropy_probs_segments(x, y, weight, smoothing, z_loss, scale, row_sca
         wyx_sum = group_sum(wyx_sum, False, scratch)
     start, size = lo + cuda.threadIdx.x, cuda.blockDim.x
     if grad.shape[0] > 0:
-        load_row(x, row, start, hi, size, cached)
+        load_row(x, row, start, hi, size, cached, softcap)
     finish_cross_entropy_probs(x, y, weight, row, start, hi, size,
                                segment == 0 and cuda.threadIdx.x == 0, cached, m, e, wy_sum,
                                wyx_sum, smoothing, z_loss, row_scale(scale, row_scales, row), loss,
-                               lse, grad)
+                               lse, grad, softcap)
 
 
 @cuda.jit(cache=True)
@@ -358,34 +377,6 @@ def nll_loss_rows(x, target, weight, ignore_index, scale, row_scales, loss, grad
         target_grad = 0.0 if ignored else -row_scale(scale, row_scales, row) * weight[t]
         for j in range(rank, grad.shape[1], size):
             grad[row, j] = target_grad if j == t else 0.0
-
-
-# --- soft-capping ------------------------------------------------------------------------------
-# Not fused yet: the capped logits are written to a matrix of their own that the loss kernels
-# read, and the gradient is brought to the raw logits in a pass of its own.  Fusing the cap into
-# the loads is for a session with a GPU to measure (the CPU's kernels cap row by row in cache).
-
-@cuda.jit(cache=True)
-def soft_cap_rows(x, softcap, capped):
-    """``capped = softcap * tanh(x / softcap)`` (:func:`~fastlsm.backends.formulas.soft_capped`),
-    rows ``blockIdx.x``, ``+ gridDim.x``, ... a block each."""
-    kind = x.dtype.type
-    inverse_cap = kind(1.0 / softcap)
-    for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-            v = x[row, j]
-            a = abs(v) * inverse_cap
-            capped[row, j] = soft_capped(v, a, math.exp(a * kind(-2.0)), softcap, kind)
-
-
-@cuda.jit(cache=True)
-def soft_cap_slope_rows(capped, softcap, grad):
-    """``grad *= 1 - (capped / softcap)**2``: the gradient of the capped logits brought to the
-    raw ones, rows as in :func:`soft_cap_rows`."""
-    kind = capped.dtype.type
-    for row in range(cuda.blockIdx.x, capped.shape[0], cuda.gridDim.x):
-        for j in range(cuda.threadIdx.x, capped.shape[1], cuda.blockDim.x):
-            grad[row, j] *= soft_cap_slope(capped[row, j], 1.0 / softcap, kind)
 
 
 CROSS_ENTROPY = RowKernels(cross_entropy_rows, cross_entropy_segment_stats, cross_entropy_segments,

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 from numba import cuda, float64, int64
 
-from fastlsm.backends.formulas import excess_of, finite_or_zero, merged_excess, rescaled
+from fastlsm.backends.formulas import (excess_of, finite_or_zero, merged_excess, rescaled,
+                                       soft_cap_slope, soft_capped)
 
 WARP = 32
 # Row elements each thread holds in registers.  16 rather than 32: fewer registers a thread
@@ -55,6 +56,27 @@ FULL_MASK = 0xFFFFFFFF
 def max_nan(a, b):
     """The larger of ``a`` and ``b``, nan if either is nan (a nan row must stay nan)."""
     return a if a > b or a != a else b
+
+
+@cuda.jit(device=True)
+def soft_cap(v, softcap, kind):
+    """A logit as the losses read it: ``softcap * tanh(v / softcap)``
+    (:func:`~fastlsm.backends.formulas.soft_capped`), or ``v`` itself where ``softcap`` is None.
+    numba-cuda prunes the branch for a None argument, so a kernel launched without a soft cap
+    compiles to the code it had before the cap was fused in (tests/cuda_compile.py checks)."""
+    if softcap is None:
+        return v
+    a = abs(v) * kind(1.0 / softcap)
+    return soft_capped(v, a, math.exp(a * kind(-2.0)), softcap, kind)
+
+
+@cuda.jit(device=True)
+def soft_capped_gradient(g, capped, softcap, kind):
+    """A gradient ``g`` with respect to the capped logit ``capped`` brought to the raw logit
+    (:func:`~fastlsm.backends.formulas.soft_cap_slope`); ``g`` itself without a soft cap."""
+    if softcap is None:
+        return g
+    return g * soft_cap_slope(capped, 1.0 / softcap, kind)
 
 
 @cuda.jit(device=True)
@@ -104,30 +126,32 @@ def group_sum(v, warp_rows, scratch):
 
 
 @cuda.jit(device=True)
-def load_row(x, row, start, n, size, cached):
+def load_row(x, row, start, n, size, cached, softcap=None):
     """Fill ``cached`` with this thread's first ``VALUES`` elements, ``start`` and every
-    ``size``-th after it (-inf from ``n`` on), and return their max."""
+    ``size``-th after it (-inf from ``n`` on), soft-capped where ``softcap`` is a number
+    (:func:`soft_cap`), and return their max."""
     low = x.dtype.type(-math.inf)
     m = low
     for k in range(VALUES):
         j = start + k * size
-        v = x[row, j] if j < n else low
+        v = soft_cap(x[row, j], softcap, x.dtype.type) if j < n else low
         cached[k] = v
         m = max_nan(m, v)
     return m
 
 
 @cuda.jit(device=True)
-def load_chunk(a, j, n, size, chunk, fill):
+def load_chunk(a, j, n, size, chunk, fill, softcap=None):
     """``chunk[u] = a[j + u * size]`` of a vector (a row, or a thread's view of one): ``UNROLL``
-    loads issued together, one trip to memory; ``fill`` from ``n`` on."""
+    loads issued together, one trip to memory; ``fill`` from ``n`` on.  Logits are soft-capped
+    where ``softcap`` is a number (:func:`soft_cap`)."""
     for u in range(UNROLL):
         jj = j + u * size
-        chunk[u] = a[jj] if jj < n else a.dtype.type(fill)
+        chunk[u] = soft_cap(a[jj], softcap, a.dtype.type) if jj < n else a.dtype.type(fill)
 
 
 @cuda.jit(device=True)
-def stream_stats(x, row, start, n, size):
+def stream_stats(x, row, start, n, size, softcap=None):
     """``(m, rest, ties)`` of this thread's elements beyond the cached ones, up to ``n``: the
     max and ``sum(exp(x - m))`` as ``ties`` terms equal to 1 and the ``rest`` (both 0 while ``m``
     is -inf), merged online ``UNROLL`` loads at a time."""
@@ -137,7 +161,7 @@ def stream_stats(x, row, start, n, size):
     ties = 0.0
     chunk = cuda.local.array(UNROLL, x.dtype)
     for j in range(start + VALUES * size, n, UNROLL * size):
-        load_chunk(x[row], j, n, size, chunk, low)
+        load_chunk(x[row], j, n, size, chunk, low, softcap)
         top = chunk[0]
         for u in range(1, UNROLL):
             top = max_nan(top, chunk[u])
@@ -159,7 +183,7 @@ def stream_stats(x, row, start, n, size):
 
 
 @cuda.jit(device=True)
-def row_stats(x, row, start, n, size, cached, warp_rows, scratch):
+def row_stats(x, row, start, n, size, cached, warp_rows, scratch, softcap=None):
     """``(m, e)`` of the group's part of the row (its elements from ``start - rank`` to ``n``):
     its max (float64, nan if it holds a nan) and the excess ``e = s - 1`` of
     ``s = sum(exp(x - finite_or_zero(m)))`` (float64), the same in every thread of the group.
@@ -168,10 +192,11 @@ def row_stats(x, row, start, n, size, cached, warp_rows, scratch):
     both: ``e = (ties - 1) + rest`` never adds the max's 1 to the small terms.  Fills ``cached``
     (:func:`load_row`).  A part whose max is not finite sums ``exp(x)`` again from memory, all of
     it into ``rest`` (``e = s - 1`` is exact there: ``s`` is 0, inf or nan): SciPy's answers for
-    it (-inf, inf, nan) come from that unshifted sum.
+    it (-inf, inf, nan) come from that unshifted sum.  The row is soft-capped where ``softcap``
+    is a number (:func:`soft_cap`).
     """
-    m_cached = load_row(x, row, start, n, size, cached)
-    m_stream, rest_stream, ties_stream = stream_stats(x, row, start, n, size)
+    m_cached = load_row(x, row, start, n, size, cached, softcap)
+    m_stream, rest_stream, ties_stream = stream_stats(x, row, start, n, size, softcap)
     m = group_max(max_nan(m_cached, m_stream), warp_rows, scratch)
     rest = 0.0
     ties = 0.0
@@ -192,7 +217,7 @@ def row_stats(x, row, start, n, size, cached, warp_rows, scratch):
         for k in range(VALUES):
             rest += math.exp(cached[k])
         for j in range(start + VALUES * size, n, size):
-            rest += math.exp(x[row, j])
+            rest += math.exp(soft_cap(x[row, j], softcap, x.dtype.type))
     return m, excess_of(group_sum(rest, warp_rows, scratch), group_sum(ties, warp_rows, scratch))
 
 
