@@ -131,14 +131,14 @@ def class_indices_and_error(target: np.ndarray, weight: np.ndarray, ignore_index
                                                              weight.shape[0]))
 
 
-_NO_ROW_SCALES = np.empty(0)
+_NO_ROWS = np.empty(0)  # no per-row factors, or no log-sum-exps wanted
 
 
 def _row_scales(spec: _spec.Loss) -> np.ndarray:
     """``grad_loss`` of a ``none`` loss as the kernels' per-row factors (float64, in the order
     of the rows); none without it."""
     if spec.grad_loss is None:
-        return _NO_ROW_SCALES
+        return _NO_ROWS
     return np.ascontiguousarray(spec.grad_loss.data.reshape(-1), dtype=np.float64)
 
 
@@ -192,7 +192,7 @@ def _cross_entropy(spec: _spec.Loss):
     weight, total_weight = class_weights(spec)
     n_rows = spec.n_rows
     per_row = np.empty(n_rows)
-    lse = np.empty(n_rows)
+    lse = np.empty(n_rows if spec.return_lse else 0)
     if spec.probabilities:
         denominator = float(n_rows)
         rows = _logit_rows(spec)
@@ -281,10 +281,10 @@ class CpuBackend:
         if first >= 0:
             return None
         per_row = np.empty(n_rows)
-        lse = np.empty(n_rows)
+        lse = _NO_ROWS
         grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
         runtime.run(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
-                    0.0, mean_scale(reduction, denominator), _NO_ROW_SCALES, 0.0, per_row, lse,
+                    0.0, mean_scale(reduction, denominator), _NO_ROWS, 0.0, per_row, lse,
                     grad)
         value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
         return (value, grad) if return_grad else value
