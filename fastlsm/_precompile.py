@@ -51,6 +51,7 @@ def _calls(x: np.ndarray, axis: int) -> list[Callable[[], object]]:
         lambda: fastlsm.cross_entropy(x, probabilities, axis=axis, return_grad=True),
         lambda: fastlsm.cross_entropy(x, probabilities, axis=axis),
         lambda: fastlsm.cross_entropy(x, target, axis=axis, softcap=30.0, return_grad=True),
+        lambda: fastlsm.cross_entropy(x, probabilities, axis=axis, softcap=30.0),
         lambda: fastlsm.nll_loss(y, target, axis=axis, return_grad=True),
         lambda: fastlsm.nll_loss(y, target, axis=axis),
     ]

@@ -94,13 +94,13 @@ class Cuda(Backend):
 
     def forbid_kernels(self, monkeypatch) -> None:
         """Every launch fails but those of the kernel that checks class-index targets (and sums
-        the ``mean`` denominator) and of those it needs first, casts (of targets and weights)
-        and the weights' sum, all into scratch arrays: the targets' values are known only on
-        the device, so these run before an out-of-range target raises."""
+        the ``mean`` denominator) and of those it needs first, casts (of targets and weights,
+        bfloat16 widened) and the weights' sum, all into scratch arrays: the targets' values
+        are known only on the device, so these run before an out-of-range target raises."""
         super().forbid_kernels(monkeypatch)
         from fastlsm.backends.cuda import launch, rows
         from fastlsm.backends.cuda.kernels import reduce
-        allowed = (reduce.check_targets, reduce.cast, reduce.sum_rows)
+        allowed = (reduce.check_targets, reduce.cast, reduce.widen_bfloat16, reduce.sum_rows)
         real = launch.launch
 
         def checked(kernel, blocks, threads, *args):

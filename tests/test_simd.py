@@ -164,7 +164,7 @@ EXP_KERNELS = {  # name: (kernel, its arguments for a matrix x)
     "log_softmax_short_rows": (softmax.log_softmax_short_rows, lambda x: (x, np.empty_like(x))),
     "cross_entropy_rows": (loss.cross_entropy_rows,
                            lambda x: (x, np.zeros(len(x), np.int64), np.ones(x.shape[1], x.dtype),
-                                      float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(0), 0.0,
+                                      float(x.shape[1]), -100, 0.1, 0.0, 1.0, np.empty(0), None,
                                       np.empty(len(x)), np.empty(len(x)), np.empty_like(x))),
 }
 

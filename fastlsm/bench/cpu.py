@@ -29,8 +29,10 @@ from fastlsm.bench.ops import (FLOORS, OPS, Call, Inputs, Op, available_peers, b
                                floor_ways, for_op, make_inputs, peers_of, reference_inputs)
 from fastlsm.bench.timing import format_time, measure, shape_str
 
-DEFAULT_SHAPES = ((8192, 32000), (131072, 1000), (2000000, 10), (8, 262144),
-                  (1, 10), (32, 10), (256, 128))
+# The shapes of the project's targets (issue 18): an LLM vocabulary, medium, short and very
+# short rows, a few huge rows, and per-call sizes.
+DEFAULT_SHAPES = ((8192, 32000), (131072, 1000), (1000000, 100), (2000000, 10), (8, 262144),
+                  (1, 10), (32, 10), (256, 128), (1024, 1000))
 ERROR_ELEMENTS = 1 << 21     # the error check and the peers' warm-up run on <= this many elements
 MIN_SAMPLES = 5              # fastlsm and the floors: a median of one run is noise on this VM
 

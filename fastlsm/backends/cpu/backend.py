@@ -193,6 +193,7 @@ def _cross_entropy(spec: _spec.Loss):
     n_rows = spec.n_rows
     per_row = np.empty(n_rows)
     lse = np.empty(n_rows if spec.return_lse else 0)
+    softcap = spec.softcap or None  # None compiles the kernels without the cap's branch
     if spec.probabilities:
         denominator = float(n_rows)
         rows = _logit_rows(spec)
@@ -201,7 +202,7 @@ def _cross_entropy(spec: _spec.Loss):
         grad, grad_target = _grad_arrays(spec, rows)
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
                                  gradient_scale(spec, denominator), _row_scales(spec))
-        runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, spec.softcap,
+        runtime.run(loss.CROSS_ENTROPY_PROBABILITIES, rows.matrix, probs, *terms, softcap,
                     per_row, lse, grad_target)
     else:
         flat, denominator = checked_class_indices(spec.target.data, weight, spec.ignore_index)
@@ -210,7 +211,7 @@ def _cross_entropy(spec: _spec.Loss):
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
                                 spec.z_loss, gradient_scale(spec, denominator),
                                 _row_scales(spec))
-        runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, spec.softcap, per_row, lse,
+        runtime.run(loss.CROSS_ENTROPY, rows.matrix, flat, *terms, softcap, per_row, lse,
                     grad_target)
     return _finish_loss(spec, rows, denominator, per_row, grad, lse if spec.return_lse else None)
 
@@ -284,7 +285,7 @@ class CpuBackend:
         lse = _NO_ROWS
         grad = np.empty_like(input) if return_grad else np.empty((0, 0), input.dtype)
         runtime.run(loss.CROSS_ENTROPY, input, target, weight, float(n_classes), ignore_index, 0.0,
-                    0.0, mean_scale(reduction, denominator), _NO_ROWS, 0.0, per_row, lse,
+                    0.0, mean_scale(reduction, denominator), _NO_ROWS, None, per_row, lse,
                     grad)
         value = reduce_rows(per_row, reduction, denominator, input.dtype, (n_rows,))
         return (value, grad) if return_grad else value

@@ -8,9 +8,9 @@ when the caller wants no log-sum-exps (a fresh array of 8 bytes a row, its page 
 writes, cost a 2000000x10 float32 loss ~12%: 24-25 -> 21-22 ms here).  The formulas (PyTorch's)
 are :mod:`fastlsm.backends.formulas`'.  The class-index kernels take their arguments after the
 targets in the order of :class:`~fastlsm.backends.base.ClassIndexTerms`, the probability-target
-kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`, then the soft-cap (0 for
-none; the CUDA kernels take None, which compiles the cap away: see
-:mod:`fastlsm.backends.cuda.kernels.loss`).
+kernels in that of :class:`~fastlsm.backends.base.ProbabilityTerms`, then the soft-cap: None for
+none, for which Numba prunes the capped branch (a kernel without it compiles in less time, and a
+call with a cap compiles a specialisation of its own), as on CUDA.
 """
 
 import math
@@ -228,7 +228,7 @@ def _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, sm
 @rowwise
 def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss, scale,
                        row_scales, softcap, loss, lse, grad):
-    if softcap > 0.0:
+    if softcap is not None:
         _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing,
                                    z_loss, softcap, scale, row_scales, loss, lse, grad)
         return
@@ -245,7 +245,7 @@ def cross_entropy_rows(x, target, weight, total_weight, ignore_index, smoothing,
 @rowwise
 def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoothing, z_loss,
                              scale, row_scales, softcap, loss, lse, grad):
-    if softcap > 0.0:
+    if softcap is not None:
         # The tile kernel reads x itself: capped rows go one at a time.
         _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing,
                                    z_loss, softcap, scale, row_scales, loss, lse, grad)
@@ -283,7 +283,7 @@ def _probability_row(row, probs, i, weight, smoothing, z_loss, scale, row_scales
 @rowwise
 def cross_entropy_probs_rows(x, y, weight, smoothing, z_loss, scale, row_scales, softcap, loss,
                              lse, grad):
-    if softcap > 0.0:
+    if softcap is not None:
         for task in prange((x.shape[0] + CAPPED_ROWS - 1) // CAPPED_ROWS):
             capped = np.empty(x.shape[1], x.dtype)
             for i in range(task * CAPPED_ROWS, min((task + 1) * CAPPED_ROWS, x.shape[0])):
