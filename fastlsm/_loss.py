@@ -89,7 +89,7 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
             _spec.plain_cross_entropy(input, target, weight, ignore_index, reduction,
                                       label_smoothing, axis, grad_out, z_loss, return_lse)):
         result = base.get("cpu").plain_cross_entropy(input, target, ignore_index, reduction,
-                                                     bool(return_grad))
+                                                     bool(return_grad), grad_out)
         if result is not None:
             return result
     spec = _spec.loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,

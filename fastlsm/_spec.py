@@ -311,14 +311,17 @@ def plain_out(x: np.ndarray, out) -> bool:
 def plain_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, axis,
                         grad_out, z_loss, return_lse) -> bool:
     """The common loss call: :func:`plain_rows` ``(N, C)`` logits, C-ordered ``(N,)`` int64
-    targets, no weights, no ``grad_out``, no smoothing, z-loss or log-sum-exps, valid options."""
-    return (weight is None and grad_out is None and not return_lse and type(axis) is int
+    targets, no weights, no smoothing, z-loss or log-sum-exps, valid options, and a ``grad_out``
+    that is None, the input itself or a :func:`plain_out` apart from the targets."""
+    return (weight is None and not return_lse and type(axis) is int
             and axis in (1, -1) and plain_rows(input, -1) and input.ndim == 2
             and type(target) is np.ndarray and target.dtype == np.int64
             and target.shape == input.shape[:1] and target.flags.c_contiguous
             and type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX
             and reduction in REDUCTIONS and type(label_smoothing) in (int, float)
-            and label_smoothing == 0 and type(z_loss) in (int, float) and z_loss == 0)
+            and label_smoothing == 0 and type(z_loss) in (int, float) and z_loss == 0
+            and (grad_out is None or (plain_out(input, grad_out)
+                                      and not np.may_share_memory(grad_out, target))))
 
 
 # --- log_softmax, softmax, logsumexp -----------------------------------------------------------

@@ -42,6 +42,18 @@ def test_grad_out_sharing_the_probability_target_is_refused(on, rng):
         on.result(fastlsm.cross_entropy(x, buffer[::-1], grad_out=buffer))
 
 
+def test_grad_out_sharing_the_class_indices_is_refused(rng):
+    """A plain call (int64 targets, no weights: the fast path) whose grad_out holds the
+    targets' bytes: refused, and the targets are untouched."""
+    words = np.zeros(4 * 8, np.int64)
+    target = words[:4]
+    target[:] = [0, 5, 7, 3]
+    with pytest.raises(ValueError, match=r"^grad_out shares memory with target"):
+        fastlsm.cross_entropy(scaled_normal((4, 8), rng), target,
+                              grad_out=words.view(np.float64).reshape(4, 8))
+    np.testing.assert_array_equal(target, [0, 5, 7, 3])
+
+
 def test_grad_out_may_still_be_the_input(rng):
     x = scaled_normal((4, 40), rng)
     target = np.array([0, 5, 39, 7])

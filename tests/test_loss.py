@@ -1031,11 +1031,13 @@ def test_nonfinite_rows_match_torch(dtype, label_smoothing):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_plain_call_matches_the_general_path(dtype, reduction, rng):
-    # C-ordered (N, C) logits with int64 targets and no weights go straight to the kernel; the
-    # same call with unit weights takes the general path and must agree bit for bit.
-    x = (rng.standard_normal((50, 7)) * 3).astype(dtype)
-    t = rng.integers(0, 7, 50)
+@pytest.mark.parametrize("rows", [3, 50])  # fewer rows than a tile's minimum, and more
+def test_plain_call_matches_the_general_path(dtype, reduction, rows, rng):
+    # C-ordered (N, C) logits with int64 targets and no weights go straight to the kernel, with
+    # or without a grad_out (the input itself too); the same call with unit weights takes the
+    # general path and must agree bit for bit.
+    x = (rng.standard_normal((rows, 7)) * 3).astype(dtype)
+    t = rng.integers(0, 7, rows)
     t[::5] = -100
     for return_grad in (False, True):
         plain = fastlsm.cross_entropy(x, t, reduction=reduction, return_grad=return_grad)
@@ -1044,6 +1046,11 @@ def test_plain_call_matches_the_general_path(dtype, reduction, rng):
         for a, b in zip(plain if return_grad else [plain], general if return_grad else [general]):
             assert type(a) is type(b) and a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+    for out, logits in ((np.empty_like(x), x), (x.copy(),) * 2):  # apart, then in place
+        loss, grad = fastlsm.cross_entropy(logits, t, reduction=reduction, grad_out=out)
+        assert grad is out
+        np.testing.assert_array_equal(loss, general[0])
+        np.testing.assert_array_equal(grad, general[1])
 
 
 def test_ignore_index_that_is_a_class_keeps_it_in_other_rows_softmax(rng):

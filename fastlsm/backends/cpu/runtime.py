@@ -90,6 +90,11 @@ PARALLEL_MIN_WORK = 12_000
 # Measured, one thread, tile time over row time: float32 0.15-0.36 at 4-10 classes, 0.72-0.78 at
 # 32, 1.3-1.7 at 48; float64 0.3-0.6 at 4-10, 0.85-1.26 from 16 to 32.
 SHORT_ROW_CLASSES = 32
+# ... and at least this many rows: a tile's scratch arrays cost more than a few rows.  Measured,
+# one thread, 10 float32 classes: cross_entropy 0.71 / 0.98 / 1.96 us a call by rows at 1 / 4 / 16
+# rows against 0.97 / 1.20 / 1.66 by tiles; log_softmax 0.35 / 0.46 / 0.93 against 0.59 / 0.73 /
+# 0.72.
+SHORT_ROW_MIN_ROWS = 8
 
 _parallel_lock = threading.Lock()
 
@@ -107,15 +112,17 @@ def _layer_is_threadsafe() -> bool:
 
 
 def run(kernel: Kernel | RowKernels, *args) -> None:
-    """Run ``kernel`` (for a bundle: its ``short_rows`` kernel for rows of at most
-    :data:`SHORT_ROW_CLASSES` classes where it has one, else its ``rows`` kernel), serial or
+    """Run ``kernel`` (for a bundle: its ``short_rows`` kernel for at least
+    :data:`SHORT_ROW_MIN_ROWS` rows of at most :data:`SHORT_ROW_CLASSES` classes where it has
+    one, else its ``rows`` kernel), serial or
     parallel by the size of its first argument, a ``(..., rows, classes)`` array."""
     shape = args[0].shape
     classes = shape[-1]
+    rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
     if type(kernel) is RowKernels:  # a test, not a call: this is every small call's path
         kernel = (kernel.short_rows if kernel.short_rows is not None
-                  and classes <= SHORT_ROW_CLASSES else kernel.rows)
-    rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+                  and classes <= SHORT_ROW_CLASSES and rows >= SHORT_ROW_MIN_ROWS
+                  else kernel.rows)
     if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or numba.get_num_threads() == 1:
         kernel.serial(*args)
     elif _layer_is_threadsafe():
