@@ -37,7 +37,6 @@ class Inputs:
     target: Any
     out: Any = None
     forward: Any = None
-    _torch: tuple[Any, Any] | None = field(default=None, repr=False)
     _jax: tuple[Any, Any] | None = field(default=None, repr=False)
 
     @property
@@ -51,12 +50,11 @@ class Inputs:
 
     @property
     def torch(self) -> tuple[Any, Any]:
-        """``(x, target)`` as PyTorch tensors; NumPy arrays are wrapped without a copy."""
-        if self._torch is None:
-            import torch
-            self._torch = tuple(v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
-                                for v in (self.x, self.target))
-        return self._torch
+        """``(x, target)`` as PyTorch tensors: NumPy arrays wrapped (no copy) at each call, as a
+        NumPy pipeline's call to PyTorch wraps them (a microsecond of a small call)."""
+        import torch
+        return tuple(v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+                     for v in (self.x, self.target))
 
 
 Call = Callable[[Inputs], Any]
@@ -124,18 +122,23 @@ def np_nll_loss(x: np.ndarray, target: np.ndarray) -> np.floating:
 # Peers
 
 
+def _like_input(inp: Inputs, tensor: Any) -> Any:
+    """A PyTorch result as the caller's kind of array: NumPy (no copy) for NumPy input."""
+    return tensor.numpy() if isinstance(inp.x, np.ndarray) else tensor
+
+
 def _torch(name: str) -> Call:
     """A PyTorch function of the logits, on the last axis."""
     def call(inp: Inputs) -> Any:
         import torch
-        return getattr(torch, name)(inp.torch[0], -1)
+        return _like_input(inp, getattr(torch, name)(inp.torch[0], -1))
     return call
 
 
 def _torch_loss(name: str) -> Call:
     def call(inp: Inputs) -> Any:
         import torch.nn.functional as F
-        return getattr(F, name)(*inp.torch)
+        return _like_input(inp, getattr(F, name)(*inp.torch))
     return call
 
 
@@ -145,7 +148,7 @@ def _torch_cross_entropy_grad(inp: Inputs) -> tuple[Any, Any]:
     leaf = xt.detach().requires_grad_(True)
     loss = F.cross_entropy(leaf, tt)
     loss.backward()
-    return loss.detach(), leaf.grad
+    return _like_input(inp, loss.detach()), _like_input(inp, leaf.grad)
 
 
 def _scipy(name: str) -> Call:
