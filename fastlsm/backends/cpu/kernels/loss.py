@@ -20,12 +20,13 @@ from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, log_sums,
-                                                rescale_stored_exps, row_log_sum_exp, row_stats,
-                                                tile_bounds, tile_stats)
+                                                rescale_stored_exps, row_log_sum,
+                                                row_log_sum_exp, row_stats, tile_bounds,
+                                                tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
-                                       log_sum, probability_gradient, probability_loss,
-                                       row_scale, smoothed_weight, soft_cap_slope, soft_capped)
+                                       probability_gradient, probability_loss, row_scale,
+                                       smoothed_weight, soft_cap_slope, soft_capped)
 
 
 @njit(cache=True, nogil=True)
@@ -115,7 +116,7 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, e, log_s, stored_maxima, exps_s
                               weight, total_weight, ignore_index, smoothing, z_loss, scale, loss,
                               lse, grad):
     """Row ``i``'s loss, log-sum-exp and gradient from its ``(m, e)`` (:func:`row_stats`) and
-    ``log_s = log_sum(e)``.
+    ``log_s = row_log_sum(e)``.
 
     ``x_t`` is the target's logit, read before ``grad`` (which may be ``x``) was written; where
     ``exps_stored``, the grad row holds the stats pass's exps, shifted per block by
@@ -202,7 +203,7 @@ def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoot
         m, e = row_stats(row, contiguous_row(grad, i), maxima)
     else:
         m, e = row_stats(row, row[:0], row[:0])
-    _finish_cross_entropy_row(i, row, x_t, target[i], m, e, log_sum(e), maxima, store_exps,
+    _finish_cross_entropy_row(i, row, x_t, target[i], m, e, row_log_sum(e), maxima, store_exps,
                               weight, total_weight, ignore_index, smoothing, z_loss,
                               row_scale(scale, row_scales, i), loss, lse, grad)
 

@@ -15,10 +15,10 @@ from numba import njit, prange
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, column_stats,
                                                 column_strips, log_sums, rescale_stored_exps,
-                                                row_log_sum_exp, row_max_and_excess, row_stats,
-                                                strip_bounds, tile_bounds, tile_stats)
+                                                row_log_sum, row_log_sum_exp, row_max_and_excess,
+                                                row_stats, strip_bounds, tile_bounds, tile_stats)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
-from fastlsm.backends.formulas import finite_or_zero, log_sum
+from fastlsm.backends.formulas import finite_or_zero
 
 
 @njit(inline="always")
@@ -34,7 +34,7 @@ def log_softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row = contiguous_row(x, i)
         m, e = row_max_and_excess(row)
-        write_log_softmax(row, contiguous_row(out, i), m, log_sum(e))
+        write_log_softmax(row, contiguous_row(out, i), m, row_log_sum(e))
 
 
 @rowwise
