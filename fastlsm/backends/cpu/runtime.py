@@ -123,7 +123,10 @@ def run(kernel: Kernel | RowKernels, *args) -> None:
         kernel = (kernel.short_rows if kernel.short_rows is not None
                   and classes <= SHORT_ROW_CLASSES and rows >= SHORT_ROW_MIN_ROWS
                   else kernel.rows)
-    if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or numba.get_num_threads() == 1:
+    # numba.config.NUMBA_NUM_THREADS is the pool's size; numba.get_num_threads() (what
+    # set_num_threads asked for) cost 0.6 us a call here, and the parallel kernel honours it.
+    if rows < 2 or rows * (classes + ROW_OVERHEAD) < PARALLEL_MIN_WORK or (
+            numba.config.NUMBA_NUM_THREADS == 1):
         kernel.serial(*args)
     elif _layer_is_threadsafe():
         kernel.parallel(*args)
