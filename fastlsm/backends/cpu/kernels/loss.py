@@ -19,10 +19,10 @@ import numpy as np
 from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
-from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, log_sums,
-                                                rescale_stored_exps, row_log_sum,
-                                                row_log_sum_exp, row_stats, tile_bounds,
-                                                tile_stats)
+from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, rescale_stored_exps,
+                                                row_log_sum, row_log_sum_exp, row_stats,
+                                                task_tiles, tile_bounds, tile_scratch,
+                                                tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        probability_gradient, probability_loss, row_scale,
@@ -251,16 +251,19 @@ def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoo
         _soft_capped_cross_entropy(x, target, weight, total_weight, ignore_index, smoothing,
                                    z_loss, softcap, scale, row_scales, loss, lse, grad)
         return
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, excesses = tile_stats(x, first, last)
-        log_s = log_sums(excesses)
-        for i in range(first, last):
-            row, r = contiguous_row(x, i), i - first
-            _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
-                                      target[i], maxima[r], excesses[r], log_s[r], row[:0],
-                                      False, weight, total_weight, ignore_index, smoothing,
-                                      z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
+    for task in prange(tile_tasks(x.shape[0])):
+        scratch = tile_scratch(x)
+        first_tile, stop_tile = task_tiles(x.shape[0], task)
+        for tile in range(first_tile, stop_tile):
+            first, last = tile_bounds(x.shape[0], tile)
+            maxima, excesses = tile_stats(x, first, last, scratch)
+            log_s = log_sums(excesses, scratch[7])
+            for i in range(first, last):
+                row, r = contiguous_row(x, i), i - first
+                _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
+                                          target[i], maxima[r], excesses[r], log_s[r], row[:0],
+                                          False, weight, total_weight, ignore_index, smoothing,
+                                          z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
 
 
 @njit(inline="always")

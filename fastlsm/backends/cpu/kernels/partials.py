@@ -28,8 +28,9 @@ from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.loss import (row_smoothed_sums, row_weighted_sum,
                                                write_probability_grad, write_softmax_grad)
 from fastlsm.backends.cpu.kernels.softmax import write_log_softmax
-from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, row_dot, row_max_and_excess,
-                                                row_sum, tile_bounds, tile_stats)
+from fastlsm.backends.cpu.kernels.stats import (row_dot, row_max_and_excess, row_sum,
+                                                task_tiles, tile_bounds, tile_scratch,
+                                                tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import Kernel, RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        log_sum, merged_excess, probability_gradient,
@@ -59,12 +60,15 @@ def max_excess_partials_rows(x, partials):
 
 @rowwise
 def max_excess_partials_short_rows(x, partials):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, excesses = tile_stats(x, first, last)
-        for r in range(last - first):
-            partials[first + r, 0] = maxima[r]
-            partials[first + r, 1] = excesses[r]
+    for task in prange(tile_tasks(x.shape[0])):
+        scratch = tile_scratch(x)
+        first_tile, stop_tile = task_tiles(x.shape[0], task)
+        for tile in range(first_tile, stop_tile):
+            first, last = tile_bounds(x.shape[0], tile)
+            maxima, excesses = tile_stats(x, first, last, scratch)
+            for r in range(last - first):
+                partials[first + r, 0] = maxima[r]
+                partials[first + r, 1] = excesses[r]
 
 
 @rowwise

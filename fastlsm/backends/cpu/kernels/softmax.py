@@ -13,10 +13,11 @@ import numpy as np
 from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
-from fastlsm.backends.cpu.kernels.stats import (TILE_ROWS, block_maxima_rows, column_stats,
-                                                column_strips, log_sums, rescale_stored_exps,
-                                                row_log_sum, row_log_sum_exp, row_max_and_excess,
-                                                row_stats, strip_bounds, tile_bounds, tile_stats)
+from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, column_stats, column_strips,
+                                                log_sums, rescale_stored_exps, row_log_sum,
+                                                row_log_sum_exp, row_max_and_excess, row_stats,
+                                                strip_bounds, task_tiles, tile_bounds,
+                                                tile_scratch, tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import finite_or_zero
 
@@ -39,13 +40,16 @@ def log_softmax_rows(x, out):
 
 @rowwise
 def log_softmax_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, excesses = tile_stats(x, first, last)
-        log_s = log_sums(excesses)
-        for i in range(first, last):
-            write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
-                              maxima[i - first], log_s[i - first])
+    for task in prange(tile_tasks(x.shape[0])):
+        scratch = tile_scratch(x)
+        first_tile, stop_tile = task_tiles(x.shape[0], task)
+        for tile in range(first_tile, stop_tile):
+            first, last = tile_bounds(x.shape[0], tile)
+            maxima, excesses = tile_stats(x, first, last, scratch)
+            log_s = log_sums(excesses, scratch[7])
+            for i in range(first, last):
+                write_log_softmax(contiguous_row(x, i), contiguous_row(out, i),
+                                  maxima[i - first], log_s[i - first])
 
 
 @rowwise
@@ -65,18 +69,21 @@ def softmax_rows(x, out):
 
 @rowwise
 def softmax_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, excesses = tile_stats(x, first, last)
-        for i in range(first, last):
-            row, dst = contiguous_row(x, i), contiguous_row(out, i)
-            m = maxima[i - first]
-            if not math.isfinite(m):
-                dst[:] = np.nan
-                continue
-            scale = row.dtype.type(1.0 / (1.0 + excesses[i - first]))
-            for j in range(row.shape[0]):
-                dst[j] = exp(row[j] - m) * scale
+    for task in prange(tile_tasks(x.shape[0])):
+        scratch = tile_scratch(x)
+        first_tile, stop_tile = task_tiles(x.shape[0], task)
+        for tile in range(first_tile, stop_tile):
+            first, last = tile_bounds(x.shape[0], tile)
+            maxima, excesses = tile_stats(x, first, last, scratch)
+            for i in range(first, last):
+                row, dst = contiguous_row(x, i), contiguous_row(out, i)
+                m = maxima[i - first]
+                if not math.isfinite(m):
+                    dst[:] = np.nan
+                    continue
+                scale = row.dtype.type(1.0 / (1.0 + excesses[i - first]))
+                for j in range(row.shape[0]):
+                    dst[j] = exp(row[j] - m) * scale
 
 
 @rowwise
@@ -87,12 +94,15 @@ def logsumexp_rows(x, out):
 
 @rowwise
 def logsumexp_short_rows(x, out):
-    for tile in prange((x.shape[0] + TILE_ROWS - 1) // TILE_ROWS):
-        first, last = tile_bounds(x.shape[0], tile)
-        maxima, excesses = tile_stats(x, first, last)
-        log_s = log_sums(excesses)
-        for r in range(last - first):
-            out[first + r] = finite_or_zero(float(maxima[r])) + log_s[r]
+    for task in prange(tile_tasks(x.shape[0])):
+        scratch = tile_scratch(x)
+        first_tile, stop_tile = task_tiles(x.shape[0], task)
+        for tile in range(first_tile, stop_tile):
+            first, last = tile_bounds(x.shape[0], tile)
+            maxima, excesses = tile_stats(x, first, last, scratch)
+            log_s = log_sums(excesses, scratch[7])
+            for r in range(last - first):
+                out[first + r] = finite_or_zero(float(maxima[r])) + log_s[r]
 
 
 @rowwise
@@ -101,7 +111,7 @@ def log_softmax_columns(x, out):
         b, first, last = strip_bounds(x, task)
         slab, dst = x[b], out[b]
         maxima, shifts, excesses = column_stats(slab, first, last)
-        log_s = log_sums(excesses).astype(x.dtype)
+        log_s = log_sums(excesses, np.empty_like(excesses)).astype(x.dtype)
         for c in range(slab.shape[0]):
             column = contiguous_row(slab, c)[first:last]
             dst_column = contiguous_row(dst, c)[first:last]
@@ -130,7 +140,7 @@ def logsumexp_columns(x, out):
     for task in prange(x.shape[0] * column_strips(x)):
         b, first, last = strip_bounds(x, task)
         maxima, shifts, excesses = column_stats(x[b], first, last)
-        log_s = log_sums(excesses)
+        log_s = log_sums(excesses, np.empty_like(excesses))
         for w in range(last - first):
             out[b, first + w] = float(shifts[w]) + log_s[w]
 
