@@ -236,7 +236,9 @@ def tile_tasks(n_rows):
 
 @njit(inline="always")
 def task_tiles(n_rows, task):
-    """``(first, stop)``: the tiles of task number ``task``, as even a share as can be."""
+    """``(first, stop)``: the tiles of task number ``task``, as even a share as can be.  The
+    kernels spell their loop over a task's tiles out: a generator yielding each tile's stats made
+    2000000x10 logsumexp ~10% slower."""
     n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
     tasks = tile_tasks(n_rows)
     return task * n_tiles // tasks, (task + 1) * n_tiles // tasks
