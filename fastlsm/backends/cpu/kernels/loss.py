@@ -258,12 +258,38 @@ def cross_entropy_short_rows(x, target, weight, total_weight, ignore_index, smoo
             first, last = tile_bounds(x.shape[0], tile)
             maxima, excesses = tile_stats(x, first, last, scratch)
             log_s = log_sums(excesses, scratch[7])
+            if grad.shape[0] == 0 and smoothing == 0.0:
+                _tile_losses(x, target, first, last, maxima, log_s, weight, ignore_index, z_loss,
+                             loss, lse)
+                continue
             for i in range(first, last):
                 row, r = contiguous_row(x, i), i - first
                 _finish_cross_entropy_row(i, row, _target_logit(row, target[i], ignore_index),
                                           target[i], maxima[r], excesses[r], log_s[r], row[:0],
                                           False, weight, total_weight, ignore_index, smoothing,
                                           z_loss, row_scale(scale, row_scales, i), loss, lse, grad)
+
+
+@njit(inline="always")
+def _tile_losses(x, target, first, last, maxima, log_s, weight, ignore_index, z_loss, loss, lse):
+    """The losses (and log-sum-exps) of rows ``first:last`` without smoothing or a gradient, as
+    :func:`_finish_cross_entropy_row` has them, in a loop without its per-row branches: a
+    2000000x10 cross_entropy took 16-18 ms instead of 20.5 (float32, 2 threads; float64 29-30
+    instead of 31-32).  (LLVM keeps the target gather scalar on an Intel host.)"""
+    kind = x.dtype.type
+    for r in range(np.uint64(0), np.uint64(last - first)):
+        i = np.uint64(first) + r
+        t = target[i]
+        kept = t != ignore_index
+        read = np.uint64(t) if kept else np.uint64(0)  # an ignored row's reads: a class, unused
+        m = maxima[r]
+        row_lse = finite_or_zero(m) + log_s[r]
+        value = class_index_loss(x[i, read], kind(m), log_s[r], weight[read], 0.0, x.shape[1],
+                                 0.0, 0.0, z_loss, row_lse)
+        loss[i] = (value if math.isfinite(m) else math.nan) if kept else 0.0
+    if lse.shape[0] > 0:
+        for r in range(last - first):
+            lse[first + r] = finite_or_zero(maxima[r]) + log_s[r]
 
 
 @njit(inline="always")
