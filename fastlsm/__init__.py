@@ -4,6 +4,7 @@ Importing fastlsm is cheap: Numba and the kernels load on the first call.
 """
 
 from fastlsm._info import info
+from fastlsm._linear import linear_cross_entropy
 from fastlsm._loss import cross_entropy, nll_loss
 from fastlsm._softmax import (
     log_softmax,
@@ -21,6 +22,7 @@ __all__ = [
     "info",
     "set_default_device",
     "cross_entropy",
+    "linear_cross_entropy",
     "nll_loss",
     "log_softmax",
     "log_softmax_backward",
