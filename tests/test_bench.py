@@ -164,3 +164,24 @@ def test_bytes_moved_counts_reads_writes_and_targets():
     # (16384, 131072) float32: 8.6 GB an array
     assert ops.bytes_moved(ops.OPS["logsumexp"], (16384, 131072), "float32") == 2 ** 33 + 16384 * 4
     assert {op.floor for op in ops.OPS.values()} <= set(ops.FLOORS)
+
+
+def test_linear_cross_entropy_beside_its_matmuls(tmp_path, capsys):
+    path = tmp_path / "linear.json"
+    assert bench.main(["--ops", "linear_cross_entropy", "--shapes", "64x8x300", "--repeat", "2",
+                       "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "linear_cross_entropy 64x8x300 float32" in out and "numpy matmuls" in out
+    [record] = json.loads(path.read_text())
+    assert record["shape"] == [64, 8, 300] and record["logits_bytes"] == 64 * 300 * 4
+    assert record["extra_peak_bytes"] > 0  # one chunk here: the logits' size, and a little
+    assert {"fastlsm", "numpy matmuls"} <= set(record["seconds"])
+
+
+def test_linear_cross_entropy_options_are_checked():
+    for argv in (["--ops", "linear_cross_entropy,softmax"],
+                 ["--ops", "linear_cross_entropy", "--shapes", "64x300"],
+                 ["--ops", "softmax", "--shapes", "64x8x300"]):
+        with pytest.raises(SystemExit, match="linear_cross_entropy|ROWSxCOLS"):
+            bench.main(argv)
+    assert command.parse_shapes("4096x512x32000") == [(4096, 512, 32000)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
-from fastlsm.bench import cluster, cpu, cuda
+from fastlsm.bench import cluster, cpu, cuda, linear
 from fastlsm.bench.ops import DEFAULT_OPS, OPS
 from fastlsm.bench.timing import shape_str
 
@@ -13,17 +13,24 @@ DESCRIPTION = ("Time fastlsm beside NumPy, SciPy, PyTorch, JAX and the memory fl
                "CPU), beside PyTorch (on a CUDA GPU), or on a local Dask cluster.")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"8192x32000,32x10"`` -> ``[(8192, 32000), (32, 10)]``."""
+LINEAR = "linear_cross_entropy"  # an op of its own: its cases have three sizes
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"8192x32000,32x10"`` -> ``[(8192, 32000), (32, 10)]``; ``ROWSxFEATURESxCLASSES`` for
+    linear_cross_entropy."""
     shapes = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         try:
-            rows, cols = (int(v) for v in item.lower().split("x"))
+            shape = tuple(int(v) for v in item.lower().split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not ROWSxCOLS") from None
-        if rows < 1 or cols < 1:
+            shape = ()
+        if len(shape) not in (2, 3):
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not ROWSxCOLS (or "
+                                             "ROWSxFEATURESxCLASSES)")
+        if min(shape) < 1:
             raise argparse.ArgumentTypeError(f"shape {item!r} must be positive")
-        shapes.append((rows, cols))
+        shapes.append(shape)
     if not shapes:
         raise argparse.ArgumentTypeError("no shapes given")
     return shapes
@@ -42,10 +49,13 @@ def _choices(kind: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastlsm bench``."""
-    parser.add_argument("--ops", type=_choices("op", list(OPS)), default=list(DEFAULT_OPS),
+    parser.add_argument("--ops", type=_choices("op", [*OPS, LINEAR]), default=list(DEFAULT_OPS),
                         help=f"comma list of {', '.join(OPS)} (default: "
                              f"{','.join(DEFAULT_OPS)}); with --device cuda, those PyTorch has, "
-                             "and cross_entropy_grad also runs in place")
+                             f"and cross_entropy_grad also runs in place; or {LINEAR} alone, "
+                             "on the CPU, beside PyTorch's (--shapes ROWSxFEATURESxCLASSES, "
+                             "default: "
+                             f"{','.join(map(shape_str, linear.DEFAULT_SHAPES))})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda: on an NVIDIA GPU beside PyTorch's CUDA kernels, "
                              "which needs PyTorch with CUDA and numba-cuda (default: cpu)")
@@ -80,6 +90,12 @@ def run_args(args: argparse.Namespace) -> int:
     """Run ``fastlsm bench`` from parsed arguments: on the CPU (:func:`fastlsm.bench.cpu.run_args`),
     ``--device cuda`` (:func:`fastlsm.bench.cuda.run_args`) or ``--dask``
     (:func:`fastlsm.bench.cluster.run`); the exit status."""
+    if LINEAR in args.ops:
+        if args.ops != [LINEAR] or args.device != "cpu" or args.dask:
+            raise SystemExit(f"fastlsm bench: --ops {LINEAR} runs alone, on the CPU")
+        return linear.run_args(args)
+    if args.shapes and any(len(shape) != 2 for shape in args.shapes):
+        raise SystemExit("fastlsm bench: --shapes takes ROWSxCOLS")
     if args.device == "cuda":
         return cuda.run_args(args)
     if args.dask:
