@@ -14,7 +14,8 @@ import pytest
 from numba import njit
 
 from fastlsm.backends.cpu.kernels import loss, softmax
-from fastlsm.backends.cpu.kernels._simd import exp, exp_summand, log1p, max_ignoring_nan
+from fastlsm.backends.cpu.kernels._simd import (block_max, exp, exp_summand, log1p,
+                                                max_ignoring_nan)
 
 
 def elementwise(func):
@@ -127,6 +128,28 @@ def test_max_ignores_nan(dtype, rng):
     assert max_all(x) == np.nanmax(x)
     assert max_all(np.full(37, np.nan, dtype)) == -np.inf
     assert max_all(np.array([-np.inf, np.inf], dtype)) == np.inf
+
+
+@njit
+def _block_max_of(x, start, stop):
+    return block_max(x, start, stop)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_max_is_the_max_ignoring_nan(dtype, rng):
+    """Every start and stop around the vector groups (64 float32 / 32 float64 a group)."""
+    x = rng.standard_normal(300).astype(dtype)
+    x[[7, 150]] = np.nan
+    x[299] = 9.0
+    for start in (0, 1, 5, 63, 64, 100):
+        for stop in (start, start + 1, start + 31, start + 64, start + 65, 200, 299, 300):
+            stop = min(stop, 300)
+            part = x[start:stop]
+            kept = part[~np.isnan(part)]
+            expected = kept.max() if kept.size else -np.inf
+            assert _block_max_of(x, start, stop) == expected, (start, stop)
+    assert _block_max_of(np.full(200, np.nan, dtype), 0, 200) == -np.inf
+    assert _block_max_of(np.array([-np.inf] * 70 + [np.inf], dtype), 0, 71) == np.inf
 
 
 @njit

@@ -14,6 +14,8 @@ instructions that have none, so a caller compiled with ``fastmath`` cannot reass
 rounding trick away.
 """
 
+import math
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, ir_utils
@@ -205,6 +207,69 @@ def max_ignoring_nan(typingctx, m, v):
         fn = builder.module.declare_intrinsic("llvm.maxnum", [fty], fnty=ir.FunctionType(fty, [fty, fty]))
         return builder.call(fn, [m_value, args[1]])
     return v(m, v), codegen
+
+
+# block_max: each accumulator a vector of one cache line; four of them, so four maxima are in
+# flight at once (their latency chains side by side).
+_MAX_VECTOR_BYTES = 64
+_MAX_ACCUMULATORS = 4
+
+
+@intrinsic
+def block_max(typingctx, row, start, stop):
+    """The max of ``row[start:stop]`` ignoring nan (``-inf`` if empty or all nan), for a C-ordered
+    1-D float32/float64 ``row``: ``llvm.maxnum`` over vectors in four accumulators, then a
+    horizontal reduction and a scalar tail.
+
+    A loop over :func:`max_ignoring_nan` vectorises with one accumulator, a single chain of
+    ``vmaxps`` and ``vcmpunordps``: 8192x32000 float32 rows, 2 threads, took 59.7 ms from memory
+    where a parallel read takes 29.7 ms (the sum of exps after it, 71 ms, is as long as the
+    whole logsumexp).  LLVM does not interleave that reduction, so the loop is written here.
+    """
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+            and row.dtype in (types.float32, types.float64)
+            and isinstance(start, types.Integer) and isinstance(stop, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        fty = context.get_value_type(row.dtype)
+        itemsize = row.dtype.bitwidth // 8
+        lanes = _MAX_VECTOR_BYTES // itemsize
+        vty = ir.VectorType(fty, lanes)
+        scalar_name = "f32" if row.dtype == types.float32 else "f64"
+        vector_name = f"v{lanes}{scalar_name}"
+        module = builder.module
+        vector_max = cgutils.get_or_insert_function(module, ir.FunctionType(vty, [vty, vty]),
+                                                    f"llvm.maxnum.{vector_name}")
+        scalar_max = cgutils.get_or_insert_function(module, ir.FunctionType(fty, [fty, fty]),
+                                                    f"llvm.maxnum.{scalar_name}")
+        reduce_max = cgutils.get_or_insert_function(module, ir.FunctionType(fty, [vty]),
+                                                    f"llvm.vector.reduce.fmax.{vector_name}")
+        i64 = ir.IntType(64)
+        lo = context.cast(builder, args[1], signature.args[1], types.int64)
+        hi = context.cast(builder, args[2], signature.args[2], types.int64)
+        step = lanes * _MAX_ACCUMULATORS
+        groups = builder.sdiv(builder.sub(hi, lo), ir.Constant(i64, step))
+        accumulators = [cgutils.alloca_once_value(builder, ir.Constant(vty, [-math.inf] * lanes))
+                        for _ in range(_MAX_ACCUMULATORS)]
+        with cgutils.for_range(builder, groups) as loop:
+            first = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, step)))
+            for k, accumulator in enumerate(accumulators):
+                at = builder.gep(data, [builder.add(first, ir.Constant(i64, k * lanes))])
+                v = builder.load(builder.bitcast(at, vty.as_pointer()), align=itemsize)
+                builder.store(builder.call(vector_max, [builder.load(accumulator), v]),
+                              accumulator)
+        m = builder.load(accumulators[0])
+        for accumulator in accumulators[1:]:
+            m = builder.call(vector_max, [m, builder.load(accumulator)])
+        result = cgutils.alloca_once_value(builder, builder.call(reduce_max, [m]))
+        tail = builder.add(lo, builder.mul(groups, ir.Constant(i64, step)))
+        with cgutils.for_range_slice(builder, tail, hi, ir.Constant(i64, 1)) as (j, _):
+            v = builder.load(builder.gep(data, [j]))
+            builder.store(builder.call(scalar_max, [builder.load(result), v]), result)
+        return builder.load(result)
+    return row.dtype(row, start, stop), codegen
 
 
 @intrinsic

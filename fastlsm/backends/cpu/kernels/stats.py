@@ -30,8 +30,8 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
-from fastlsm.backends.cpu.kernels._simd import (contiguous_row, exp, exp_summand, log1p,
-                                                max_ignoring_nan)
+from fastlsm.backends.cpu.kernels._simd import (block_max, contiguous_row, exp, exp_summand,
+                                                log1p, max_ignoring_nan)
 from fastlsm.backends.formulas import excess_of, finite_or_zero, rescaled
 
 # Elements per block of the statistics pass: small enough to stay in L1 between its max and its
@@ -40,9 +40,13 @@ BLOCK = 2048
 
 
 @njit(inline="always")
-def _block_max(row, start, stop):
+def _short_max(row, n):
+    """The max of a row of at most :data:`BLOCK` elements, ignoring nan: LLVM's own vectorised
+    loop, which beats :func:`~._simd.block_max` on such rows (its scalar tail and its four
+    accumulators' reduction cost more than a short row's max: 1000000x100 float32 logsumexp
+    53 -> 85 ms, 256x128 log_softmax 18 -> 24 us, 2 threads)."""
     m = row.dtype.type(-np.inf)
-    for j in range(np.uint64(start), np.uint64(stop)):
+    for j in range(n):
         m = max_ignoring_nan(m, row[j])
     return m
 
@@ -151,7 +155,7 @@ def row_stats(row, exps, block_maxima):
     n = row.shape[0]
     if n <= BLOCK:
         # One block needs no merge; skipping the loop cut 10-class rows by about a third.
-        m = _block_max(row, 0, n)
+        m = _short_max(row, n)
         return m, _excess(row, exps, 0, n, m, 0.0, _block_sum(row, exps, 0, n, m, store), store)
     # The block holding the running max keeps its sum apart from the others' until the end, so
     # that a dominated row can have that block summed again with its 1s counted apart: doing so
@@ -163,7 +167,7 @@ def row_stats(row, exps, block_maxima):
     max_start = 0
     for block, start in enumerate(range(0, n, BLOCK)):
         stop = min(start + BLOCK, n)
-        block_m = _block_max(row, start, stop)
+        block_m = block_max(row, start, stop)
         if block_m > m:
             others = rescaled(others + max_sum, finite_or_zero(m), finite_or_zero(block_m))
             m = block_m
@@ -187,7 +191,7 @@ def row_max_and_excess(row):
     if n <= BLOCK:
         # The one-block case spelled out: going through row_stats cost ~40 ns a row (more than
         # the whole work of a 10-class row).
-        m = _block_max(row, 0, n)
+        m = _short_max(row, n)
         return m, _excess(row, row[:0], 0, n, m, 0.0, float(_block_sum_exp(row, 0, n, m)), False)
     return row_stats(row, row[:0], row[:0])
 
