@@ -96,7 +96,8 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
                            label_smoothing, z_loss, -1, return_grad, None, False,
                            grad_loss=grad_loss, softcap=softcap)
     rows = head.features.shape[0]
-    targets = np.asarray(loss_spec.target.data).reshape((rows, -1) if loss_spec.probabilities else (rows,))
+    targets = np.asarray(loss_spec.target.data)
+    targets = targets.reshape((rows, -1) if loss_spec.probabilities else (rows,))
     if not loss_spec.probabilities:
         _check_class_indices(targets, loss_spec)
     chunk = _chunk_rows(chunk_bytes, head.classes, head.compute_dtype.itemsize)
