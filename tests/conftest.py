@@ -60,8 +60,43 @@ def _simulate_warp_intrinsics() -> None:
     kernelapi.FakeCUDAModule.syncwarp = syncwarp
 
 
+def _create_shared_arrays_once() -> None:
+    """Make the simulator create each ``cuda.shared.array`` of a block once.
+
+    Its ``FakeCUDAShared.array`` looks the block's array up by source line and creates it if it
+    is missing, without a lock. Two threads can each create one. The thread left holding the
+    discarded array writes where nobody reads, so a shared tile reads back ``np.empty``'s
+    garbage: ``test_axes_and_keepdims[cuda-0]`` and ``test_gaps``' ``grad_out`` case failed 1
+    run in ~8, with the short switch interval set below making the race likely. This is the
+    same lookup, made under a lock. The caller's line is taken one frame up, as the original
+    takes it.
+    """
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    unlocked = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or the refusal
+            return unlocked(self, shape, dtype, alignment)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    kernelapi.FakeCUDAShared.array = array
+
+
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     _simulate_warp_intrinsics()
+    _create_shared_arrays_once()
     # The simulated threads of a block hand the GIL on at every barrier, and a woken thread can
     # wait out the holder's switch interval (5 ms by default) first.  Measured: a split-row
     # log_softmax test took 42 s at the default and 11.6 s at 0.1 ms.
