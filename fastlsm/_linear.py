@@ -7,7 +7,8 @@ class index against the class count, so a bad call raises before any gradient is
 rows are then taken in chunks: a chunk's logits ``Z = X_c @ W.T + b`` go into one buffer, reused
 for every chunk; :func:`fastlsm.cross_entropy` writes the chunk's gradient over them in its one
 fused pass (``grad_out=Z``); and the matmuls ``dX_c = dZ @ W``, ``dW += dZ.T @ X_c`` go through
-NumPy's BLAS.
+NumPy's BLAS, a large chunk's cut by classes into a part a BLAS thread
+(:mod:`fastlsm.backends.cpu.blas`).
 
 A ``mean`` loss is a ``sum`` whose gradient is scaled by the inverse of the whole call's
 denominator, known before the first chunk from the targets alone.
@@ -22,13 +23,13 @@ from numpy.typing import ArrayLike
 
 from fastlsm import _loss, _spec
 from fastlsm.backends import base
+from fastlsm.backends.cpu import blas
 
-# The logits buffer of one chunk of rows.  OpenBLAS's matmuls lose speed on chunks of few rows:
-# loss and all gradients at 4096x512 -> 32000 float32 (2 threads), against 1.32-1.37 s for the
-# three unchunked matmuls: 2.89 s in chunks of 32 MiB (262 rows), 2.34 s (64 MiB), 1.98 s
-# (96 MiB), 1.74 s (128 MiB: 1048 rows), 1.38 s unchunked.  128 MiB is 1/8 of the logits of
-# 8192 rows of 32000 float32 classes.
-DEFAULT_CHUNK_BYTES = 128 << 20
+# The logits buffer of one chunk of rows.  Loss and all gradients, 2 threads, float32, against
+# the three unchunked matmuls: 4096x512 -> 32000 1.22x in chunks of 32 MiB, 1.09x of 64 MiB
+# (524 rows), 1.07x of 128 MiB; 8192x256 -> 32000 1.27x, 1.14x, and 1.11x of 96 MiB.  64 MiB is
+# 6.4% of the logits of 8192 rows of 32000 float32 classes.
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 
 def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
@@ -60,7 +61,7 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
         where one is given, ``linear_bias``.
     chunk_bytes : int, optional
         The logits buffer's size in bytes, which sets how many rows a chunk has (at least
-        one).  Default :data:`DEFAULT_CHUNK_BYTES` (128 MiB).
+        one).  Default :data:`DEFAULT_CHUNK_BYTES` (64 MiB).
 
     Returns
     -------
@@ -74,10 +75,17 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
     Notes
     -----
     Inputs are computed in their dtype promoted as NumPy's ``@`` would (float16 in float32,
-    integers in float64).  Beyond what it returns, a call holds the chunk's logits, and with
-    ``return_grad`` and more than one chunk a ``(C, H)`` buffer for each chunk's share of the
+    integers in float64).  Beyond what it returns, a call holds the chunk's logits and, with
+    ``return_grad``, each part's share of a chunk's input gradient (``(chunk rows, H)``);
+    without SciPy, with more than one chunk, a ``(C, H)`` buffer for a chunk's share of the
     weight's gradient; float16 inputs add float32 copies of ``linear_weight`` and of the
     gradients.
+
+    A large chunk's products are cut by classes into one part per BLAS thread, each run on a
+    thread of its own with BLAS on one thread: OpenBLAS shares out a chunk's product less well
+    than a whole one.  The BLAS thread count is lowered through ``threadpoolctl`` for the call
+    and restored after; it is process-wide, so BLAS calls from other threads meanwhile run on
+    one thread.
 
     Examples
     --------
@@ -192,22 +200,22 @@ def _denominator(spec: _spec.Loss, targets: np.ndarray) -> float:
     return float(np.asarray(spec.weight.data, np.float64)[kept].sum())
 
 
-def _accumulating_gemm(dtype: np.dtype):
-    """SciPy's BLAS ``gemm`` for ``dtype`` (it adds a product into its output in place), or
-    None where SciPy is not installed."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:
-        return None
-    return blas.sgemm if dtype == np.float32 else blas.dgemm
-
-
 class _Chunked:
-    """One call's chunk loop and the arrays it fills."""
+    """One call's chunk loop and the arrays it fills.
+
+    A chunk's products are cut by classes (:class:`~fastlsm.backends.cpu.blas.ClassParts`):
+    each part fills its columns of the logits, then, from its columns of their gradient, its rows
+    of the weight's gradient and its share of the input's gradient, which the parts' shares sum
+    to.
+    """
 
     def __init__(self, head: _Head, spec: _spec.Loss, targets: np.ndarray, chunk: int):
         self.head, self.spec, self.targets, self.chunk = head, spec, targets, chunk
         n, h = head.features.shape
+        chunk = min(chunk, n)
+        work = chunk * head.classes * h
+        self.parts = blas.ClassParts(
+            head.classes, blas.blas_threads() if work >= blas.MIN_SPLIT_WORK else 1)
         self.reduced = spec.reduction != "none"
         self.per_row = None if self.reduced else np.empty(n, head.result_dtype)
         self.total = 0.0
@@ -218,26 +226,35 @@ class _Chunked:
             self.grad_loss = None if spec.grad_loss is None else np.asarray(
                 spec.grad_loss.data).reshape(n)
             self.grad_input = np.empty((n, h), head.result_dtype)
+            # Each part's share of a chunk's input gradient, where one part does not write it
+            # straight into grad_input.
+            shared = len(self.parts) > 1 or head.result_dtype != head.compute_dtype
+            self.input_shares = np.empty((len(self.parts), chunk, h) if shared else (0, 0, 0),
+                                         head.compute_dtype)
             # In the compute dtype: float32 or float64, also for float16 inputs.
             self.grad_weight = np.empty(head.weight.shape, head.compute_dtype)
             self.grad_bias = None if head.bias is None else np.zeros(head.classes, np.float64)
-            self.gemm = _accumulating_gemm(head.compute_dtype)
+            self.add_product = blas.adding_gemm(head.compute_dtype)
             self.weight_share = None  # without SciPy: a later chunk's dW, before it is added
 
     def run(self):
         n = self.head.features.shape[0]
         logits = np.empty((min(self.chunk, n), self.head.classes), self.head.compute_dtype)
-        for start in range(0, n, self.chunk):
-            stop = min(start + self.chunk, n)
-            self._chunk(start, stop, logits[:stop - start])
+        with self.parts:
+            for start in range(0, n, self.chunk):
+                stop = min(start + self.chunk, n)
+                self._chunk(start, stop, logits[:stop - start])
         return self._results()
 
     def _chunk(self, start: int, stop: int, z: np.ndarray) -> None:
         head, spec = self.head, self.spec
-        x = head.features[start:stop].astype(head.compute_dtype, copy=False)
-        np.matmul(x, head.weight.T, out=z)
-        if head.bias is not None:
-            z += head.bias
+        x = np.ascontiguousarray(head.features[start:stop], dtype=head.compute_dtype)
+
+        def forward(part: int, first: int, last: int) -> None:
+            np.matmul(x, head.weight[first:last].T, out=z[:, first:last])
+            if head.bias is not None:
+                z[:, first:last] += head.bias[first:last]
+        self.parts.run(forward)
         options = dict(weight=None if spec.weight is None else spec.weight.data,
                        ignore_index=spec.ignore_index, label_smoothing=spec.label_smoothing,
                        axis=-1, z_loss=spec.z_loss, softcap=spec.softcap or None)
@@ -266,26 +283,31 @@ class _Chunked:
     def _backward(self, start: int, stop: int, x: np.ndarray, dz: np.ndarray) -> None:
         head = self.head
         dx = self.grad_input[start:stop]
-        if dx.dtype == dz.dtype:
-            np.matmul(dz, head.weight, out=dx)
-        else:
-            dx[...] = dz @ head.weight
-        if start == 0:
-            np.matmul(dz.T, x, out=self.grad_weight)
-        elif self.gemm is not None:
-            # dW.T += X_c.T @ dZ, in place: BLAS's own accumulation (beta = 1), where NumPy's
-            # matmul would need a (C, H) buffer for the chunk's share and a pass to add it.
-            c = self.grad_weight.T
-            summed = self.gemm(1.0, x.T, dz.T, beta=1.0, c=c, trans_b=True, overwrite_c=True)
-            if not np.may_share_memory(summed, c):  # f2py worked on a copy of c
-                c[...] = summed
-        else:
-            if self.weight_share is None:
-                self.weight_share = np.empty_like(self.grad_weight)
-            np.matmul(dz.T, x, out=self.weight_share)
-            self.grad_weight += self.weight_share
-        if self.grad_bias is not None:
-            self.grad_bias += dz.sum(axis=0, dtype=np.float64)
+        shares = self.input_shares[:, :stop - start]
+        if start > 0 and self.add_product is None and self.weight_share is None:
+            self.weight_share = np.empty_like(self.grad_weight)
+
+        def backward(part: int, first: int, last: int) -> None:
+            dz_part = dz[:, first:last]
+            np.matmul(dz_part, head.weight[first:last], out=shares[part] if len(shares) else dx)
+            dw = self.grad_weight[first:last]
+            if start == 0:
+                np.matmul(dz_part.T, x, out=dw)
+            elif self.add_product is not None:
+                # dW += dZ.T @ X_c in place: BLAS's own accumulation, where NumPy's matmul
+                # would need a buffer for the chunk's share and a pass to add it.
+                self.add_product(dw, dz_part.T, x)
+            else:
+                share = self.weight_share[first:last]
+                np.matmul(dz_part.T, x, out=share)
+                dw += share
+            if self.grad_bias is not None:
+                self.grad_bias[first:last] += dz_part.sum(axis=0, dtype=np.float64)
+        self.parts.run(backward)
+        if len(shares):
+            for share in shares[1:]:
+                shares[0] += share
+            dx[...] = shares[0]
 
     def _results(self):
         head, spec = self.head, self.spec

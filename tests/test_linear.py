@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastlsm
-import fastlsm._linear
+from fastlsm.backends.cpu import blas
 import loss_reference as ref
 
 F32, F64 = np.float32, np.float64
@@ -54,9 +54,19 @@ def weight_gradient_sum(request, monkeypatch):
     """Every test twice: the weight gradient summed over chunks by SciPy's BLAS (where SciPy
     is installed) and by NumPy alone."""
     if request.param == "numpy":
-        monkeypatch.setattr(fastlsm._linear, "_accumulating_gemm", lambda dtype: None)
-    elif fastlsm._linear._accumulating_gemm(np.dtype(F64)) is None:
+        monkeypatch.setattr(blas, "adding_gemm", lambda dtype: None)
+    elif blas.adding_gemm(np.dtype(F64)) is None:
         pytest.skip("SciPy is not installed")
+    return request.param
+
+
+@pytest.fixture(params=["inline", "class-parts"], autouse=True)
+def class_parts(request, monkeypatch):
+    """Every test twice more: each chunk's products in one call, and cut by classes into three
+    parts on threads of their own, as a large chunk is."""
+    if request.param == "class-parts":
+        monkeypatch.setattr(blas, "MIN_SPLIT_WORK", 0)
+        monkeypatch.setattr(blas, "blas_threads", lambda: 3)
     return request.param
 
 
