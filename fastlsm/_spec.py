@@ -565,3 +565,83 @@ def target_out_of_bounds(value: int, position: tuple[int, ...], n_classes: int) 
     where = [int(k) for k in position]
     return IndexError(f"Target {int(value)} is out of bounds. (target{where} with {n_classes} "
                       "classes)")
+
+
+# --- linear_cross_entropy ------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class LinearLoss:
+    """``linear_cross_entropy``: the head ``input @ linear_weight.T + linear_bias`` and the loss
+    of its logits, checked by :func:`loss` on a stand-in of the logits' shape (classes last)
+    that owns no memory: a zero-stride NumPy array, or a lazy Dask one chunked as the rows."""
+    input: Argument             # (..., H)
+    linear_weight: Argument     # (C, H)
+    linear_bias: Argument | None
+    loss: Loss
+    chunk_bytes: int | None     # the size of one chunk's logits; None: the backend's default
+    result_dtype: np.dtype      # the head's dtypes promoted, as NumPy's ``@`` would
+    compute_dtype: np.dtype
+
+    @property
+    def n_classes(self) -> int:
+        return self.linear_weight.shape[0]
+
+
+def linear_loss(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, want_grad, grad_loss,
+                chunk_bytes) -> LinearLoss:
+    """The spec of ``linear_cross_entropy``: shapes (errors naming both), dtypes, where the
+    arrays live, the chunk size, then the loss's options and targets as ``cross_entropy``'s."""
+    within = placement(input)
+    if within == CUDA:
+        raise TypeError("linear_cross_entropy takes NumPy or Dask arrays; input is a "
+                        f"{type(input).__name__} on a CUDA device, which it does not support "
+                        "yet")
+    x = describe(input, "input", within)
+    w = describe(linear_weight, "linear_weight", within)
+    b = None if linear_bias is None else describe(linear_bias, "linear_bias", within)
+    for name, arg in (("linear_weight", w), ("linear_bias", b)):
+        if arg is not None and arg.placement == DASK:
+            raise TypeError(f"linear_cross_entropy takes {name} as a NumPy array (every block "
+                            "of rows reads all of it), got a Dask array; compute it first")
+    if x.ndim == 0:
+        raise ValueError("input must have at least 1 dimension (the features), got a 0-d array")
+    if w.ndim != 2:
+        raise ValueError(f"linear_weight must be 2-D, (classes, features) as in "
+                         f"torch.nn.Linear, got shape {w.shape}")
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(f"input of shape {x.shape} has {x.shape[-1]} features, but "
+                         f"linear_weight of shape {w.shape} takes {w.shape[1]}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"linear_bias must have shape ({w.shape[0]},), one per class of "
+                         f"linear_weight {w.shape}, got {b.shape}")
+    dtype = result_dtype(np.result_type(*[a.dtype for a in (x, w, b) if a is not None]),
+                         "input")
+    rows, classes = x.shape[:-1], w.shape[0]
+    target_shape = describe(target, "target", within, real=False).shape
+    if target_shape not in (rows, rows + (classes,)):
+        raise ValueError(f"target has shape {target_shape}, but input of shape {x.shape} and "
+                         f"linear_weight of shape {w.shape} need class indices of shape {rows} "
+                         f"or probabilities of shape {rows + (classes,)}")
+    logits = _logits_stand_in(x, classes, dtype)
+    spec = loss(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, -1,
+                want_grad, None, False, grad_loss=grad_loss, softcap=softcap)
+    return LinearLoss(x, w, b, spec, _chunk_bytes(chunk_bytes), dtype, compute_dtype(dtype))
+
+
+def _logits_stand_in(x: Argument, classes: int, dtype: np.dtype):
+    shape = x.shape[:-1] + (classes,)
+    if x.placement == DASK:
+        import dask.array as da
+        return da.zeros(shape, dtype=dtype, chunks=x.data.chunks[:-1] + ((classes,),))
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def _chunk_bytes(chunk_bytes) -> int | None:
+    if chunk_bytes is None:
+        return None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, np.integer)):
+        raise TypeError(f"chunk_bytes must be an int (bytes), got {chunk_bytes!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    return int(chunk_bytes)

@@ -216,6 +216,17 @@ def test_options_are_checked_as_in_cross_entropy(rng):
         fastlsm.linear_cross_entropy(x, w, t, chunk_bytes=0)
 
 
+def test_the_cuda_backend_says_it_has_no_linear_cross_entropy(rng):
+    x, w, _ = head(rng)
+    fastlsm.set_default_device("cuda")
+    try:
+        with pytest.raises(TypeError, match="linear_cross_entropy does not run on the CUDA "
+                                            "backend yet"):
+            fastlsm.linear_cross_entropy(x, w, np.zeros(7, int))
+    finally:
+        fastlsm.set_default_device(None)
+
+
 def test_target_out_of_range_raises_before_anything_is_written(rng, monkeypatch):
     x, w, b = head(rng)
     target = np.zeros(7, int)

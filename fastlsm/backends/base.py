@@ -50,6 +50,7 @@ class Backend(Protocol):
     def softmax_backward(self, spec: _spec.Backward) -> Any: ...
     def cross_entropy(self, spec: _spec.Loss) -> Any: ...
     def nll_loss(self, spec: _spec.Loss) -> Any: ...
+    def linear_cross_entropy(self, spec: _spec.LinearLoss) -> Any: ...
 
     def info(self) -> dict[str, str]:
         """Facts for ``fastlsm info`` (versions, threads, where kernels are cached)."""
@@ -135,7 +136,7 @@ def resolve(spec, device) -> Backend:
     """The backend that runs ``spec`` (its first array decides, with ``device``), once it has
     said that it supports it."""
     first = spec.grad_output if isinstance(spec, _spec.Backward) else (
-        spec.input if isinstance(spec, _spec.Loss) else spec.x)
+        spec.x if isinstance(spec, _spec.Rowwise) else spec.input)
     backend = _select(first.placement, device)
     gap = backend.supports(spec)
     if gap is not None:

@@ -13,8 +13,8 @@ import numpy as np
 
 from fastlsm import _spec
 from fastlsm.backends.cpu import layout, runtime
-from fastlsm.backends.cpu.backend import (checked_class_indices, class_indices_and_error,
-                                          class_weights)
+from fastlsm.backends.cpu.loss import (checked_class_indices, class_indices_and_error,
+                                       class_weights)
 from fastlsm.backends.cpu.kernels import loss as loss_kernels
 from fastlsm.backends.cpu.kernels import partials as kernels
 from fastlsm.backends.cpu.kernels.partials import SplitKernels

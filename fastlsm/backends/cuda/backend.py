@@ -35,7 +35,12 @@ class CudaBackend:
     def supports(self, spec) -> Exception | None:
         """The gaps: class axes that are not adjacent (the kernels see rows as one C-ordered
         run), Numba device arrays or outputs that are not C-ordered (read and written in
-        place; CuPy and PyTorch inputs are made so by their own library)."""
+        place; CuPy and PyTorch inputs are made so by their own library), and
+        ``linear_cross_entropy`` (its matmuls would need a device BLAS)."""
+        if isinstance(spec, _spec.LinearLoss):
+            return TypeError("linear_cross_entropy does not run on the CUDA backend yet: it runs "
+                             "on NumPy and Dask arrays, on the CPU (the default device is "
+                             "'cuda' here: set_default_device('auto') lets it run)")
         axes = getattr(spec, "axes", None)
         if axes is not None and not adjacent(axes):
             name = "x" if isinstance(spec, _spec.Rowwise) else "grad_output"
