@@ -396,6 +396,92 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+# --- linear_cross_entropy ------------------------------------------------------------------------
+
+LINEAR_OPTIONS = {
+    "plain": {},
+    "everything": {"weight": True, "ignore_index": 3, "label_smoothing": 0.1, "z_loss": 1e-3},
+    "softcap": {"softcap": 2.0},
+    "probabilities": {"probabilities": True, "label_smoothing": 0.1},
+}
+
+
+def linear_head(dtype, rng, rows=(10,), features=6, classes=13):
+    x = rng.standard_normal(rows + (features,)).astype(dtype)
+    w = (rng.standard_normal((classes, features)) / 3).astype(dtype)
+    b = rng.standard_normal(classes).astype(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", list(LINEAR_OPTIONS), ids=list(LINEAR_OPTIONS))
+@pytest.mark.parametrize("rows, chunks", [((10,), ((3, 3, 4), (6,))),
+                                          ((10,), ((5, 5), (2, 4))),
+                                          ((2, 5), ((1, 1), (2, 3), (6,)))],
+                         ids=["rows", "features-split", "batch"])
+def test_linear_cross_entropy_matches_numpy(dtype, reduction, options, rows, chunks, rng):
+    x, w, b = linear_head(dtype, rng, rows)
+    options = dict(LINEAR_OPTIONS[options])
+    if options.pop("weight", False):
+        options["weight"] = rng.uniform(0.5, 2.0, 13)
+    if options.pop("probabilities", False):
+        target = rng.dirichlet(np.ones(13), rows)
+        target_chunks = chunks[:-1] + ((13,),)
+    else:
+        target = rng.integers(0, 13, rows)
+        target.flat[[1, 4]] = 3
+        target_chunks = chunks[:-1]
+    kwargs = dict(linear_bias=b, reduction=reduction, return_grad=True, chunk_bytes=2 * 13 * 8,
+                  **options)
+    expected = fastlsm.linear_cross_entropy(x, w, target, **kwargs)
+    result = compute(fastlsm.linear_cross_entropy(
+        da.from_array(x, chunks=chunks), w, da.from_array(target, chunks=target_chunks),
+        **kwargs))
+    assert len(result) == 4
+    assert_all_match(result, expected, dtype)
+    loss = compute(fastlsm.linear_cross_entropy(da.from_array(x, chunks=chunks), w, target,
+                                                reduction=reduction, **options))
+    assert_matches(loss, fastlsm.linear_cross_entropy(x, w, target, reduction=reduction,
+                                                      **options), dtype)
+
+
+def test_linear_cross_entropy_grad_loss(rng):
+    x, w, _ = linear_head(F64, rng)
+    target = rng.integers(0, 13, 10)
+    dx = da.from_array(x, chunks=(4, 6))
+    g = rng.standard_normal(10)
+    for reduction, grad_loss in (("none", g), ("none", da.from_array(g, chunks=3)),
+                                 ("mean", 0.5), ("sum", -2.0)):
+        expected = fastlsm.linear_cross_entropy(x, w, target, reduction=reduction,
+                                                return_grad=True, grad_loss=np.asarray(grad_loss))
+        result = compute(fastlsm.linear_cross_entropy(dx, w, target, reduction=reduction,
+                                                      return_grad=True, grad_loss=grad_loss))
+        assert_all_match(result, expected, F64)
+
+
+def test_linear_cross_entropy_bad_target_raises_the_first_in_the_whole_array(rng):
+    x, w, _ = linear_head(F64, rng)
+    target = rng.integers(0, 13, 10)
+    target[[6, 9]] = [13, -5]
+    lazy = fastlsm.linear_cross_entropy(da.from_array(x, chunks=(3, 6)), w, target,
+                                        return_grad=True)
+    with pytest.raises(IndexError, match=r"Target 13 is out of bounds. \(target\[6\] with 13 "):
+        dask.compute(*lazy)
+
+
+def test_linear_cross_entropy_refuses_a_dask_weight(rng):
+    x, w, b = linear_head(F64, rng)
+    dx = da.from_array(x, chunks=(5, 6))
+    with pytest.raises(TypeError, match="takes linear_weight as a NumPy array"):
+        fastlsm.linear_cross_entropy(dx, da.from_array(w), np.zeros(10, int))
+    with pytest.raises(TypeError, match="takes linear_bias as a NumPy array"):
+        fastlsm.linear_cross_entropy(dx, w, np.zeros(10, int), linear_bias=da.from_array(b))
+    with pytest.raises(ValueError, match=r"target has shape \(9,\), but input of shape "
+                                         r"\(10, 6\)"):
+        fastlsm.linear_cross_entropy(dx, w, np.zeros(9, int))
+
+
 @pytest.fixture(scope="module")
 def cluster_client():
     """A LocalCluster of two single-threaded worker processes (spawned: GNU OpenMP, Numba's
@@ -420,13 +506,18 @@ def test_distributed_cluster(cluster_client, rng):
     target[:3] = -100
     dx = da.from_array(x, chunks=(128, (1000, 1200, 800)))
     loss, grad = _api("cross_entropy")(dx, target, return_grad=True, label_smoothing=0.1)
-    lazy = [loss, grad, _api("log_softmax")(dx), _api("logsumexp")(dx)]
+    features = rng.standard_normal((256, 16)).astype(F32)
+    head = rng.standard_normal((3000, 16)).astype(F32)
+    linear = _api("linear_cross_entropy")(da.from_array(features, chunks=(100, 16)), head,
+                                          target, return_grad=True)
+    lazy = [loss, grad, _api("log_softmax")(dx), _api("logsumexp")(dx), *linear]
     with deadline(DEADLINE_S):
         futures = cluster_client.compute(lazy)
         values = [future.result(timeout=DEADLINE_S) for future in futures]
     assert len(cluster_client.scheduler_info()["workers"]) == 2
     expected = [*fastlsm.cross_entropy(x, target, return_grad=True, label_smoothing=0.1),
-                fastlsm.log_softmax(x), fastlsm.logsumexp(x)]
+                fastlsm.log_softmax(x), fastlsm.logsumexp(x),
+                *fastlsm.linear_cross_entropy(features, head, target, return_grad=True)]
     for value, want in zip(values, expected):
         assert_matches(value, want, F32)
 

@@ -12,7 +12,7 @@ optional dependency (``pip install "fastlsm[dask]"``), imported only once a Dask
 from __future__ import annotations
 
 from fastlsm import _spec
-from fastlsm.backends.dask import loss, softmax
+from fastlsm.backends.dask import linear, loss, softmax
 
 
 class DaskBackend:
@@ -47,6 +47,9 @@ class DaskBackend:
 
     def nll_loss(self, spec: _spec.Loss):
         return loss.nll_loss(spec)
+
+    def linear_cross_entropy(self, spec: _spec.LinearLoss):
+        return linear.linear_cross_entropy(spec)
 
     def info(self) -> dict[str, str]:
         from importlib import metadata

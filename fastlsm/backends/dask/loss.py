@@ -32,7 +32,7 @@ from fastlsm.backends.dask import graph
 
 # --- targets, weights and the mean's denominator -------------------------------------------------
 
-def _chunked_like(array, chunks: tuple):
+def chunked_like(array, chunks: tuple):
     """``array`` (Dask or NumPy) as a Dask array of ``chunks``."""
     import dask.array as da
     if _spec.is_dask_array(array):
@@ -62,12 +62,12 @@ def _checked_block(target_block, verdict):
     return target_block
 
 
-def _class_index_targets(spec: _spec.Loss, x, weight: np.ndarray):
+def class_index_targets(spec: _spec.Loss, x, weight: np.ndarray):
     """The targets chunked as the logits' rows, used only once every block is checked: the
     error is the first bad target's whatever the chunks, or the order their checks run in."""
     import dask.array as da
     rows = tuple(c for i, c in enumerate(x.chunks) if i != spec.class_axis)
-    target = _chunked_like(spec.target.data, rows)
+    target = chunked_like(spec.target.data, rows)
     index = tuple(range(target.ndim))
     found = target.map_blocks(_bad_target_block, weight=weight, ignore_index=spec.ignore_index,
                               chunks=tuple((1,) * len(c) for c in target.chunks), dtype=object,
@@ -82,7 +82,7 @@ def _weight_sum_block(target_block, *, weight, ignore_index):
     return np.full((1,) * target_block.ndim, total)
 
 
-def _target_weight_sum(target, weight: np.ndarray, ignore_index: int):
+def target_weight_sum(target, weight: np.ndarray, ignore_index: int):
     """``mean``'s denominator: ``sum(weight[t])`` over the kept (checked) targets, 0-d Dask."""
     import dask.array as da
     rows = tuple(range(target.ndim))
@@ -129,7 +129,7 @@ def _divide_block(total, denominator, *, result_dtype):
         return result_dtype.type(np.float64(float(total)) / np.float64(float(denominator)))
 
 
-def _reduce(loss_rows, reduction: str, denominator, dtype: np.dtype):
+def reduce_rows(loss_rows, reduction: str, denominator, dtype: np.dtype):
     """The per-row losses reduced as asked: cast for ``none``, summed in float64 otherwise, and
     for ``mean`` divided by ``denominator`` (a float or a 0-d Dask array), as the CPU does."""
     import dask.array as da
@@ -142,7 +142,7 @@ def _reduce(loss_rows, reduction: str, denominator, dtype: np.dtype):
                         meta=np.empty((), dtype), result_dtype=dtype)
 
 
-def _gradient_scale(spec: _spec.Loss, denominator):
+def gradient_scale(spec: _spec.Loss, denominator):
     """The gradient's factor for every row (a float, or a 0-d Dask array for ``mean``)."""
     if spec.reduction != "mean":
         return spec.grad_scale
@@ -150,13 +150,13 @@ def _gradient_scale(spec: _spec.Loss, denominator):
     return scale * spec.grad_scale if spec.grad_scale != 1.0 else scale
 
 
-def _row_grad_loss(spec: _spec.Loss, x, rows: tuple[int, ...]) -> tuple:
+def row_grad_loss(spec: _spec.Loss, x, rows: tuple[int, ...]) -> tuple:
     """The blockwise argument pair of the caller's per-row ``grad_loss`` (``none``), chunked as
     the logits' rows; ``(None, None)`` without one."""
     if spec.grad_loss is None:
         return None, None
     chunks = tuple(x.chunks[i] for i in rows)
-    return _chunked_like(spec.grad_loss.data, chunks), rows
+    return chunked_like(spec.grad_loss.data, chunks), rows
 
 
 def _block_grad_loss(row_shape: tuple[int, ...], grad_loss, scale):
@@ -199,16 +199,16 @@ def _cross_entropy_rows(spec: _spec.Loss, x, target, weight, denominator):
     target_index = index if target.ndim == x.ndim else rows
     weight_arg = ((_by_class(x, class_axis, weight), (class_axis,)) if spec.weight is not None
                   else (None, None))
-    scale = _gradient_scale(spec, denominator) if spec.want_grad else 1.0
+    scale = gradient_scale(spec, denominator) if spec.want_grad else 1.0
     results = graph.block_results(_cross_entropy_rows_block, x, target, target_index, *weight_arg,
-                                  *_row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
+                                  *row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
                                   class_axis=class_axis,
                                   ignore_index=spec.ignore_index,
                                   label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
                                   softcap=spec.softcap, return_grad=spec.want_grad,
                                   return_lse=spec.return_lse)
     row_meta = graph.block_meta(x, len(rows), dtype)
-    outputs = [_reduce(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
+    outputs = [reduce_rows(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
                        dtype)]
     if spec.want_grad:
         outputs.append(graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype)))
@@ -295,11 +295,11 @@ def _cross_entropy_split(spec: _spec.Loss, x, target, weight, total_weight, deno
         grad_block = _cross_entropy_grad_block
         grad_args = (target, rows, weights, axes, class_ids, axes)
         options.update(ignore_index=spec.ignore_index, total_weight=total_weight)
-    outputs = [_reduce(stats[..., 0], spec.reduction, denominator, dtype)]
+    outputs = [reduce_rows(stats[..., 0], spec.reduction, denominator, dtype)]
     if spec.want_grad:
         outputs.append(graph.finish_layer(grad_block, x, stats, axes, dtype, *grad_args,
-                                          *_row_grad_loss(spec, x, rows),
-                                          *graph.scalar_arg(_gradient_scale(spec, denominator)),
+                                          *row_grad_loss(spec, x, rows),
+                                          *graph.scalar_arg(gradient_scale(spec, denominator)),
                                           z_loss=spec.z_loss, **options))
     if spec.return_lse:
         outputs.append(stats[..., 1].astype(dtype))
@@ -310,11 +310,11 @@ def cross_entropy(spec: _spec.Loss):
     x = spec.input.data
     weight, total_weight = split.class_weights(spec)
     if spec.probabilities:
-        target = _chunked_like(spec.target.data, x.chunks)
+        target = chunked_like(spec.target.data, x.chunks)
         denominator = float(math.prod(spec.row_shape))
     else:
-        target = _class_index_targets(spec, x, weight)
-        denominator = (_target_weight_sum(target, weight, spec.ignore_index)
+        target = class_index_targets(spec, x, weight)
+        denominator = (target_weight_sum(target, weight, spec.ignore_index)
                        if spec.reduction == "mean" else None)
     if graph.classes_split(x, (spec.class_axis,)):
         outputs = _cross_entropy_split(spec, x, target, weight, total_weight, denominator)
@@ -353,15 +353,15 @@ def nll_loss(spec: _spec.Loss):
     x = spec.input.data
     class_axis, dtype = spec.class_axis, spec.result_dtype
     weight = split.class_weights(spec)[0]
-    target = _class_index_targets(spec, x, weight)
+    target = class_index_targets(spec, x, weight)
     index = tuple(range(x.ndim))
     rows = tuple(i for i in index if i != class_axis)
     mean = spec.reduction == "mean"
-    denominator = _target_weight_sum(target, weight, spec.ignore_index) if mean else None
-    scale = _gradient_scale(spec, denominator) if spec.want_grad else 1.0
+    denominator = target_weight_sum(target, weight, spec.ignore_index) if mean else None
+    scale = gradient_scale(spec, denominator) if spec.want_grad else 1.0
     results = graph.block_results(_nll_block, x, target, rows, _by_class(x, class_axis, weight),
                                   (class_axis,), _class_ids(x, class_axis), (class_axis,),
-                                  *_row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
+                                  *row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
                                   class_axis=class_axis,
                                   ignore_index=spec.ignore_index, return_grad=spec.want_grad)
     shares = graph.result(results, 0, index, graph.block_meta(x, x.ndim, dtype),
@@ -370,7 +370,7 @@ def nll_loss(spec: _spec.Loss):
         loss = da.blockwise(_sum_over_classes_block, rows, shares, index, concatenate=True,
                             meta=graph.block_meta(x, len(rows), dtype), class_axis=class_axis)
     else:
-        loss = _reduce(shares, spec.reduction, denominator, dtype)
+        loss = reduce_rows(shares, spec.reduction, denominator, dtype)
     if not spec.want_grad:
         return loss
     return loss, graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype))
