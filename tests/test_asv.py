@@ -46,7 +46,10 @@ def test_every_benchmark_runs_once(tmp_path, env):
     assert done.returncode == 0, out                      # 2 if any benchmark failed
     for name in ("ops.Time.time_op", "ops.FloorRatio.track_op", "ops.Layout.time_op",
                  "peers.Contenders.time_contender", "peers.PeakMem.peakmem_op",
-                 "compile.FirstCalls.timeraw_first_calls", "compile.timeraw_import"):
+                 "compile.FirstCalls.timeraw_first_calls", "compile.timeraw_import",
+                 "linear.LinearLoss.time_call",
+                 "linear.LinearLoss.track_matmul_ratio",
+                 "linear.LinearLoss.track_extra_memory"):
         assert re.search(rf"\] ··· {re.escape(name)}\s+(ok|\d)", out), f"{name} did not run\n{out}"
     skips = re.findall(r"asv: skipped: NotImplementedError\('([^']*)'", out)
     assert skips and all(any(r in s for r in SKIP_REASONS) for s in skips), skips
