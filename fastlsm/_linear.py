@@ -4,7 +4,8 @@ public API).
 Every argument is checked first (:func:`fastlsm._spec.linear_loss`): the head's shapes, then the
 loss's options and targets as :func:`fastlsm.cross_entropy` checks them, so a bad call raises
 before any gradient is written.  The backend where the input lives computes it: on the CPU
-(:mod:`fastlsm.backends.cpu.linear`) a chunk of rows at a time, on Dask a block of rows a task.
+(:mod:`fastlsm.backends.cpu.linear`) and the GPU (:mod:`fastlsm.backends.cuda.linear`) a chunk
+of rows at a time, on Dask a block of rows a task.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
 
     Parameters
     ----------
-    input : array_like or dask.array.Array
+    input : array_like, dask.array.Array, CuPy array or PyTorch CUDA tensor
         Features of shape ``(..., H)``.  A Dask array gives lazy results, a block of rows a
-        task (the features in one chunk), the weight's gradient summed over the blocks.
+        task (the features in one chunk), the weight's gradient summed over the blocks.  On a
+        GPU the matmuls run in the input's own library (cuBLAS) and the loss in fastlsm's
+        CUDA kernels; the results are of that library.
     linear_weight : array_like
         The head's weight, ``(C, H)`` as ``torch.nn.Linear`` stores it.
     target : array_like or dask.array.Array

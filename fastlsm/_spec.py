@@ -593,10 +593,6 @@ def linear_loss(input, linear_weight, target, linear_bias, weight, ignore_index,
     """The spec of ``linear_cross_entropy``: shapes (errors naming both), dtypes, where the
     arrays live, the chunk size, then the loss's options and targets as ``cross_entropy``'s."""
     within = placement(input)
-    if within == CUDA:
-        raise TypeError("linear_cross_entropy takes NumPy or Dask arrays; input is a "
-                        f"{type(input).__name__} on a CUDA device, which it does not support "
-                        "yet")
     x = describe(input, "input", within)
     w = describe(linear_weight, "linear_weight", within)
     b = None if linear_bias is None else describe(linear_bias, "linear_bias", within)
@@ -630,10 +626,24 @@ def linear_loss(input, linear_weight, target, linear_bias, weight, ignore_index,
 
 
 def _logits_stand_in(x: Argument, classes: int, dtype: np.dtype):
+    """An array of the logits' shape and dtype, where the input lives, that owns one element:
+    what the loss's checks read (shape, dtype, placement) without the logits existing."""
     shape = x.shape[:-1] + (classes,)
     if x.placement == DASK:
         import dask.array as da
         return da.zeros(shape, dtype=dtype, chunks=x.data.chunks[:-1] + ((classes,),))
+    if x.placement == CUDA:
+        module = type(x.data).__module__
+        if module.startswith("torch"):
+            import torch
+            zero = torch.zeros((), dtype=getattr(torch, dtype.name), device=x.data.device)
+            return zero.expand(shape)
+        if module.startswith("cupy"):
+            import cupy
+            return cupy.broadcast_to(cupy.zeros((), dtype), shape)
+        raise TypeError(f"linear_cross_entropy on a CUDA device takes CuPy arrays or PyTorch "
+                        f"tensors, whose library does the matmuls; input is a "
+                        f"{type(x.data).__name__}")
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 

@@ -4,9 +4,8 @@
 Importing this module imports PyTorch (``import fastlsm`` does not).  Tensors cross without
 copies: a CPU tensor goes in as its NumPy view ``t.detach().numpy()`` and a result comes back
 through ``torch.from_numpy``; a CUDA tensor goes in as it is (fastlsm reads it through
-``__cuda_array_interface__`` and hands back CUDA tensors).  ``linear_cross_entropy`` runs on the
-CPU only, for now: fastlsm raises ``TypeError`` for CUDA tensors.  Arguments are checked by
-fastlsm itself, with its errors.
+``__cuda_array_interface__`` and hands back CUDA tensors; ``linear_cross_entropy``'s matmuls
+run in PyTorch there).  Arguments are checked by fastlsm itself, with its errors.
 
 The losses compute their gradient in the forward, fused with the loss, and the backward scales
 it by the upstream gradient.  Safety rules:
@@ -200,8 +199,8 @@ class CrossEntropy(torch.autograd.Function):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` (CPU tensors), the
-    logits never materialised; ``options`` are keyword arguments of
+    """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, the logits never
+    materialised; ``options`` are keyword arguments of
     :func:`fastlsm.linear_cross_entropy`.  The forward computes the gradients (but for
     ``none``): :func:`linear_cross_entropy` applies it only where autograd records the call."""
 
@@ -343,7 +342,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     Parameters
     ----------
     input : Tensor
-        Features ``(..., H)``, on the CPU.
+        Features ``(..., H)``, on the CPU or a CUDA device.
     linear_weight : Tensor
         ``(C, H)``, as ``torch.nn.Linear`` stores it.
     target : Tensor

@@ -464,7 +464,18 @@ def test_cross_entropy_on_the_gpu(case, reduction, inplace, rng):
 
 
 @needs_gpu
-def test_linear_cross_entropy_refuses_gpu_tensors(rng):
-    x, w, _ = head(rng, dtype=F32)
-    with pytest.raises(TypeError):
-        ft.linear_cross_entropy(x.cuda(), w.cuda(), torch.zeros(7, dtype=torch.long).cuda())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_linear_cross_entropy_on_the_gpu(case, reduction, rng):
+    """CUDA tensors: the matmuls in PyTorch (cuBLAS), the loss in fastlsm's CUDA kernels."""
+    x, w, b = (t.detach().to("cuda", F32) for t in head(rng, dtype=F32))
+    target, options = loss_case(rng, (7, 6), case, F32, class_axis=-1)
+    target = target.cuda()
+    options = {k: v.to("cuda", F32) if torch.is_tensor(v) else v for k, v in options.items()}
+    chunk_bytes = three_rows_a_chunk(F32)
+    assert_same(lambda x, w, b: ft.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                        reduction=reduction,
+                                                        chunk_bytes=chunk_bytes, **options),
+                lambda x, w, b: torch_linear_cross_entropy(x, w, target, b,
+                                                           reduction=reduction, **options),
+                [x, w, b], rng, F32)

@@ -10,7 +10,7 @@ the caller first.  Each operation runs inside one numba-cuda context scope
 from __future__ import annotations
 
 from fastlsm import _spec
-from fastlsm.backends.cuda import loss, softmax
+from fastlsm.backends.cuda import linear, loss, softmax
 from fastlsm.backends.cuda.arrays import contiguous_in_place, library, one_context
 from fastlsm.backends.cuda.kernels import backward as backward_kernels
 from fastlsm.backends.cuda.kernels import softmax as softmax_kernels
@@ -36,11 +36,14 @@ class CudaBackend:
         """The gaps: class axes that are not adjacent (the kernels see rows as one C-ordered
         run), Numba device arrays or outputs that are not C-ordered (read and written in
         place; CuPy and PyTorch inputs are made so by their own library), and
-        ``linear_cross_entropy`` (its matmuls would need a device BLAS)."""
+        ``linear_cross_entropy`` of NumPy input (its matmuls need the input's library: CuPy
+        or PyTorch)."""
         if isinstance(spec, _spec.LinearLoss):
-            return TypeError("linear_cross_entropy does not run on the CUDA backend yet: it runs "
-                             "on NumPy and Dask arrays, on the CPU (the default device is "
-                             "'cuda' here: set_default_device('auto') lets it run)")
+            if spec.input.placement == _spec.HOST:
+                return TypeError("linear_cross_entropy on the CUDA backend takes CuPy arrays or "
+                                 "PyTorch CUDA tensors (their library does the matmuls); NumPy "
+                                 "input runs on the CPU, with device 'cpu' or 'auto'")
+            return None
         axes = getattr(spec, "axes", None)
         if axes is not None and not adjacent(axes):
             name = "x" if isinstance(spec, _spec.Rowwise) else "grad_output"
@@ -55,6 +58,10 @@ class CudaBackend:
         if out is not None and _spec.is_cuda_array(out) and not contiguous_in_place(out):
             return _spec.not_c_contiguous(name)
         return None
+
+    @one_context
+    def linear_cross_entropy(self, spec: _spec.LinearLoss):
+        return linear.linear_cross_entropy(spec)
 
     @one_context
     def log_softmax(self, spec: _spec.Rowwise):

@@ -63,7 +63,7 @@ def _sum_rows(values, divisor: float, out) -> None:
     launch.launch(reduce.sum_rows, 1, reduction_threads(values.size), values, divisor, out)
 
 
-def _weights(spec: _spec.Loss, like: DeviceArray, need_total: bool):
+def class_weights(spec: _spec.Loss, like: DeviceArray, need_total: bool):
     """``(weights on the device in the compute dtype, their sum)``; the sum (a trip to the device
     and back) only where ``need_total`` says the kernels use it, 0 otherwise."""
     if spec.weight is None:
@@ -76,7 +76,7 @@ def _weights(spec: _spec.Loss, like: DeviceArray, need_total: bool):
     return w, float(total.copy_to_host()[0])
 
 
-def _class_indices(spec: _spec.Loss, weight, like: DeviceArray):
+def class_indices(spec: _spec.Loss, weight, like: DeviceArray):
     """Flat int64 targets on the device, range-checked there, and the ``mean`` denominator."""
     view = arrays.on_device(spec.target).view
     shape = spec.target.shape
@@ -166,7 +166,7 @@ def _launch_loss(kernels: RowKernels, matrix, target, terms, softcap: float | No
 
 def cross_entropy(spec: _spec.Loss):
     logits = arrays.on_device(spec.input)
-    weight, total_weight = _weights(spec, logits, need_total=spec.label_smoothing > 0.0)
+    weight, total_weight = class_weights(spec, logits, need_total=spec.label_smoothing > 0.0)
     if spec.probabilities:
         denominator = float(spec.n_rows)
         rows = to_rows(logits, (spec.class_axis,), spec.compute_dtype)
@@ -176,7 +176,7 @@ def cross_entropy(spec: _spec.Loss):
         terms = ProbabilityTerms(weight, spec.label_smoothing, spec.z_loss,
                                  gradient_scale(spec, denominator), _row_scales(spec, logits))
     else:
-        target, denominator = _class_indices(spec, weight, logits)
+        target, denominator = class_indices(spec, weight, logits)
         rows = to_rows(logits, (spec.class_axis,), spec.compute_dtype)
         kernels = CROSS_ENTROPY
         terms = ClassIndexTerms(weight, total_weight, spec.ignore_index, spec.label_smoothing,
@@ -194,8 +194,8 @@ def cross_entropy(spec: _spec.Loss):
 
 def nll_loss(spec: _spec.Loss):
     logits = arrays.on_device(spec.input)
-    weight = _weights(spec, logits, need_total=False)[0]
-    target, denominator = _class_indices(spec, weight, logits)
+    weight = class_weights(spec, logits, need_total=False)[0]
+    target, denominator = class_indices(spec, weight, logits)
     rows = to_rows(logits, (spec.class_axis,), spec.compute_dtype)
     grad = _grad_target(spec, rows, logits)
     per_row = arrays.scratch((rows.matrix.shape[0],), np.float64, logits)
