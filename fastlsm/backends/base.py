@@ -189,6 +189,19 @@ def mean_scale(reduction: str, denominator: float) -> float:
     return float("inf") if denominator == 0.0 else 1.0 / denominator
 
 
+def linear_chunk_loss(loss: _spec.Loss, z: Any, targets: Any, reduced: bool,
+                      grad_loss: Any) -> _spec.Loss:
+    """The spec of ``linear_cross_entropy``'s loss on one chunk of rows: the logits ``z`` (rows
+    of classes, the gradient written over them where one is wanted) and the chunk's
+    ``targets``, summed where ``reduced`` (``grad_loss`` a number), else a loss a row
+    (``grad_loss`` one a row, or None for 1s)."""
+    want_grad = loss.want_grad
+    return _spec.loss(z, targets, None if loss.weight is None else loss.weight.data,
+                      loss.ignore_index, "sum" if reduced else "none", loss.label_smoothing,
+                      loss.z_loss, -1, want_grad, z if want_grad else None, False,
+                      grad_loss=grad_loss if want_grad else None, softcap=loss.softcap or None)
+
+
 def class_indices_int64(flat: np.ndarray, ignore_index: int) -> np.ndarray:
     """Flat class indices (NumPy) as contiguous int64, for the kernels.
 

@@ -135,20 +135,11 @@ class _Chunked:
 
     def _loss(self, start: int, stop: int, z: np.ndarray) -> None:
         """The chunk's loss; with a gradient, written over its logits ``z``."""
-        loss, want_grad = self.loss_spec, self.loss_spec.want_grad
-        if self.reduced:
-            reduction, grad_loss = "sum", self.factor if want_grad else None
-        else:
-            reduction = "none"
-            grad_loss = (self.row_factors[start:stop]
-                         if want_grad and self.row_factors is not None else None)
-        chunk = _spec.loss(z, self.targets[start:stop],
-                           None if loss.weight is None else loss.weight.data, loss.ignore_index,
-                           reduction, loss.label_smoothing, loss.z_loss, -1, want_grad,
-                           z if want_grad else None, False, grad_loss=grad_loss,
-                           softcap=loss.softcap or None)
-        result = cross_entropy(chunk)
-        value = result[0] if want_grad else result
+        grad_loss = self.factor if self.reduced else (
+            None if self.row_factors is None else self.row_factors[start:stop])
+        result = cross_entropy(base.linear_chunk_loss(self.loss_spec, z, self.targets[start:stop],
+                                                      self.reduced, grad_loss))
+        value = result[0] if self.loss_spec.want_grad else result
         if self.reduced:
             self.total += float(value)
         else:

@@ -164,18 +164,9 @@ class _Chunked:
 
     def _loss(self, start: int, stop: int, z, reduced: bool):
         """The chunk's loss; with a gradient, written over its logits ``z``."""
-        target = self.spec.loss
-        want_grad = target.want_grad
-        if reduced:
-            reduction, grad_loss = "sum", self.factor if want_grad else None
-        else:
-            reduction = "none"
-            grad_loss = (self.row_factors[start:stop]
-                         if want_grad and self.row_factors is not None else None)
-        chunk = _spec.loss(z, self.targets[start:stop],
-                           None if target.weight is None else target.weight.data,
-                           target.ignore_index, reduction, target.label_smoothing, target.z_loss,
-                           -1, want_grad, z if want_grad else None, False, grad_loss=grad_loss,
-                           softcap=target.softcap or None)
-        result = loss.cross_entropy(chunk)
-        return result[0] if want_grad else result
+        grad_loss = self.factor if reduced else (
+            None if self.row_factors is None else self.row_factors[start:stop])
+        result = loss.cross_entropy(base.linear_chunk_loss(self.spec.loss, z,
+                                                           self.targets[start:stop], reduced,
+                                                           grad_loss))
+        return result[0] if self.spec.loss.want_grad else result
