@@ -67,3 +67,28 @@ def test_device_targets_out_of_range_raise_first(rng):
                                      torch.tensor(w, device="cuda"),
                                      torch.tensor(target, device="cuda"), return_grad=True,
                                      chunk_bytes=3 * 11 * 4)
+
+
+def test_torch_operations_on_cpu_tensors(rng):
+    """The GPU chunk loop's PyTorch operations, on CPU tensors (the same calls as on CUDA)."""
+    torch = pytest.importorskip("torch")
+    from fastlsm.backends.cuda.linear import _Torch
+    ops = _Torch("cpu")
+    a = rng.standard_normal((5, 3)).astype(F32)
+    b = rng.standard_normal((3, 4)).astype(F32)
+    empty = ops.empty((5, 4), np.dtype(np.float64))
+    assert empty.dtype == torch.float64 and tuple(empty.shape) == (5, 4)
+    ta = ops.as_dtype(a, np.dtype(F32))
+    assert ta.dtype == torch.float32
+    assert ops.as_dtype(ta, np.dtype(F32)).data_ptr() == ta.data_ptr()  # no copy
+    grad = torch.tensor(a, requires_grad=True)
+    assert not ops.as_dtype(grad, np.dtype(F32)).requires_grad  # out= takes no graph
+    c = ops.empty((5, 4), np.dtype(F32))
+    ops.matmul(ta, ops.as_dtype(b, np.dtype(F32)), c)
+    np.testing.assert_allclose(c.numpy(), a @ b, rtol=1e-6)
+    ops.add_matmul(c, ta, ops.as_dtype(b, np.dtype(F32)))
+    np.testing.assert_allclose(c.numpy(), 2 * (a @ b), rtol=1e-6)
+    sums = ops.column_sums(ta)
+    assert sums.dtype == torch.float64
+    np.testing.assert_allclose(sums.numpy(), a.sum(axis=0, dtype=np.float64), rtol=1e-12)
+    assert ops.scalar(0.5, np.dtype(np.float16)).dtype == torch.float16

@@ -34,7 +34,7 @@ class _Torch:
 
     def as_dtype(self, a, dtype: np.dtype):
         """``a`` (a tensor or host data) on the device in ``dtype``, out of autograd's graph
-        (``out=`` takes no tensor that requires grad); itself where it is."""
+        (``out=`` takes no tensor that requires grad); no copy where it is already."""
         tensor = self.torch.as_tensor(a, device=self.device).detach()
         return tensor.to(getattr(self.torch, dtype.name))
 
