@@ -50,7 +50,7 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
         where one is given, ``linear_bias``.
     chunk_bytes : int, optional
         The logits buffer's size in bytes, which sets how many rows a chunk has (at least
-        one).  Default 64 MiB.
+        one).  Default 80 MiB.
 
     Returns
     -------

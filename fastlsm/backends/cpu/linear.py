@@ -20,9 +20,10 @@ from fastlsm.backends.cpu.loss import checked_class_indices, class_weights, cros
 
 # The logits buffer of one chunk of rows.  Loss and all gradients, 2 threads, float32, against
 # the three unchunked matmuls: 4096x512 -> 32000 1.22x in chunks of 32 MiB, 1.09x of 64 MiB
-# (524 rows), 1.07x of 128 MiB; 8192x256 -> 32000 1.27x, 1.14x, and 1.11x of 96 MiB.  64 MiB is
-# 6.4% of the logits of 8192 rows of 32000 float32 classes.
-DEFAULT_CHUNK_BYTES = 64 << 20
+# (524 rows), 1.07x of 128 MiB; 8192x256 -> 32000 1.27x, 1.14x, and 1.11x of 96 MiB.  Two more
+# interleaved runs, 64 against 80 MiB: 8192x256 1.15x against 1.115-1.117x, 4096x512 1.12-1.13x
+# both.  80 MiB is 8% of the logits of 8192 rows of 32000 float32 classes.
+DEFAULT_CHUNK_BYTES = 80 << 20
 
 
 def linear_cross_entropy(spec: _spec.LinearLoss):

@@ -18,8 +18,8 @@ from fastlsm import _spec
 from fastlsm.backends import base
 from fastlsm.backends.cuda import arrays, loss
 
-# The logits buffer of one chunk of rows, as on the CPU (where it is measured): 64 MiB.
-DEFAULT_CHUNK_BYTES = 64 << 20
+# The logits buffer of one chunk of rows, as on the CPU (where it is measured).
+DEFAULT_CHUNK_BYTES = 80 << 20
 
 
 class _Torch:
