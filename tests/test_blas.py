@@ -90,3 +90,20 @@ def test_class_parts_raise_a_part_s_error_and_restore_blas():
         with blas.ClassParts(1000, 2) as parts:
             parts.run(work)
     assert blas.blas_threads() == before
+
+
+def test_overlapping_calls_restore_blas_threads():
+    """Two calls whose parts overlap in time (as from two threads; interleaved here, on one
+    thread), the first in leaving first: BLAS stays on one thread until the last one leaves,
+    then is back to its thread count (each call restoring what it found would leave it at
+    1)."""
+    before = blas.blas_threads()
+    if before < 2:
+        pytest.skip("BLAS runs on one thread here")
+    first, second = blas.ClassParts(1000, 2), blas.ClassParts(1000, 2)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert blas.blas_threads() == 1
+    second.__exit__(None, None, None)
+    assert blas.blas_threads() == before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -135,6 +136,40 @@ def adding_gemm(dtype: np.dtype) -> Callable[[np.ndarray, np.ndarray, np.ndarray
     return add_product
 
 
+class _OneBlasThread:
+    """BLAS held to one thread while any call has parts running: the first to enter lowers it,
+    the last to leave restores what it was.  (A limit each call set and restored on its own
+    would, with two calls overlapping in time, restore the other's 1 for good.)
+
+    Seen with this machine's OpenBLAS (0.3.30 and 0.3.31): once the main thread has set the
+    thread count, a count set from another thread does not take effect.  A call made from a
+    worker thread (a Dask task, say) may then run its parts on BLAS's own threads too: slower,
+    the same results."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._limits = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                controller = _controller()
+                self._limits = (None if controller is None
+                                else controller.limit(limits=1, user_api="blas"))
+            self._holders += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._limits is not None:
+                self._limits.restore_original_limits()
+                self._limits = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
 class ClassParts:
     """A chunk's classes cut into ``parts`` contiguous ranges, each run on a thread of its own
     with BLAS on one thread (for the ``with`` block); one part runs inline, BLAS untouched.
@@ -149,25 +184,21 @@ class ClassParts:
         cuts = [n_classes * k // parts // align * align for k in range(parts)]
         self.bounds = list(zip(cuts, cuts[1:] + [n_classes]))
         self._pool = None
-        self._limits = None
 
     def __len__(self) -> int:
         return len(self.bounds)
 
     def __enter__(self) -> ClassParts:
         if len(self) > 1:
-            controller = _controller()
-            self._limits = None if controller is None else controller.limit(limits=1,
-                                                                            user_api="blas")
+            _ONE_BLAS_THREAD.__enter__()
             self._pool = ThreadPoolExecutor(len(self), thread_name_prefix="fastlsm-blas")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-            if self._limits is not None:
-                self._limits.restore_original_limits()
-            self._pool = self._limits = None
+            self._pool = None
+            _ONE_BLAS_THREAD.__exit__()
 
     def run(self, work: Callable[[int, int, int], None]) -> None:
         if self._pool is None:
