@@ -205,13 +205,17 @@ def torch_linear_cross_entropy(x, w, target, b, **options):
     return F.cross_entropy(F.linear(x, w, b), target, **options)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_linear_cross_entropy_matches_pytorch(case, reduction, dtype, rng):
-    x, w, b = head(rng)
+def test_linear_cross_entropy_matches_pytorch(case, reduction, dtype, device, rng):
+    """On CUDA tensors the matmuls run in PyTorch (cuBLAS) and the loss in fastlsm's CUDA
+    kernels."""
+    x, w, b = (t.detach().to(device) for t in head(rng))
     target, options = loss_case(rng, (7, 6), case, dtype, class_axis=-1)
-    options = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in options.items()}
+    target = target.to(device)
+    options = {k: v.to(device, dtype) if torch.is_tensor(v) else v for k, v in options.items()}
     chunk_bytes = three_rows_a_chunk(dtype)
     assert_same(lambda x, w, b: ft.linear_cross_entropy(x, w, target, linear_bias=b,
                                                         reduction=reduction,
@@ -461,21 +465,3 @@ def test_cross_entropy_on_the_gpu(case, reduction, inplace, rng):
                                            **options),
                 lambda x: F.cross_entropy(x, target, reduction=reduction, **options),
                 [x], rng, F32)
-
-
-@needs_gpu
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", CASES)
-def test_linear_cross_entropy_on_the_gpu(case, reduction, rng):
-    """CUDA tensors: the matmuls in PyTorch (cuBLAS), the loss in fastlsm's CUDA kernels."""
-    x, w, b = (t.detach().to("cuda", F32) for t in head(rng, dtype=F32))
-    target, options = loss_case(rng, (7, 6), case, F32, class_axis=-1)
-    target = target.cuda()
-    options = {k: v.to("cuda", F32) if torch.is_tensor(v) else v for k, v in options.items()}
-    chunk_bytes = three_rows_a_chunk(F32)
-    assert_same(lambda x, w, b: ft.linear_cross_entropy(x, w, target, linear_bias=b,
-                                                        reduction=reduction,
-                                                        chunk_bytes=chunk_bytes, **options),
-                lambda x, w, b: torch_linear_cross_entropy(x, w, target, b,
-                                                           reduction=reduction, **options),
-                [x, w, b], rng, F32)
