@@ -573,7 +573,8 @@ def target_out_of_bounds(value: int, position: tuple[int, ...], n_classes: int) 
 class LinearLoss:
     """``linear_cross_entropy``: the head ``input @ linear_weight.T + linear_bias`` and the loss
     of its logits, checked by :func:`loss` on a stand-in of the logits' shape (classes last)
-    that owns no memory: a zero-stride NumPy array, or a lazy Dask one chunked as the rows."""
+    that owns no memory: a zero-stride NumPy array, PyTorch tensor or CuPy array, or a lazy
+    Dask array chunked as the rows."""
     input: Argument             # (..., H)
     linear_weight: Argument     # (C, H)
     linear_bias: Argument | None
