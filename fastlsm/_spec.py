@@ -120,15 +120,18 @@ def as_real_array(x, name: str) -> np.ndarray:
     A subclass of ``ndarray`` is read as its base array: a masked array's mask is ignored, as
     SciPy's functions ignore it, and the result is a plain ``ndarray``.
     """
-    if type(x) is np.ndarray:
-        array = x
-    else:
-        try:
-            array = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    array = x if type(x) is np.ndarray else as_array(x, name)
     result_dtype(array.dtype, name)
     return array
+
+
+def as_array(x, name: str) -> np.ndarray:
+    """``np.asarray(x)``, or a ``TypeError`` naming the argument: a ragged list's ValueError,
+    or the RuntimeError of a PyTorch tensor that requires grad."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def describe(x, name: str, within: str, *, real: bool = True) -> Argument:
     if where != within:
         where = HOST
     if where == HOST:
-        array = as_real_array(x, name) if real else np.asarray(x)
+        array = as_real_array(x, name) if real else as_array(x, name)
         return Argument(array, array.shape, array.dtype, HOST)
     dtype = _numpy_dtype(x.dtype)
     if real:
@@ -424,8 +427,10 @@ def _options(ignore_index, reduction, label_smoothing, z_loss,
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     label_smoothing = _real(label_smoothing, "label_smoothing")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not label_smoothing > 0.0:
+        label_smoothing = 0.0  # PyTorch's check is `> 1` only: a negative or nan eps is none
     z_loss = _real(z_loss, "z_loss")
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be a non-negative number, got {z_loss}")
@@ -520,13 +525,13 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
     else:
         _check_target_shape(logits.shape, class_axis, t.shape)
         _check_class_index_dtype(t.dtype)
+    grad_scale, grad_loss = _grad_loss(grad_loss, want_grad, reduction,
+                                       _without_axis(logits.shape, class_axis), within)
     if grad_out is not None:
-        for name, other in (("target", t), ("weight", w)):
+        for name, other in (("target", t), ("weight", w), ("grad_loss", grad_loss)):
             if other is not None and shares_memory(grad_out, other.data):
                 raise ValueError(f"grad_out shares memory with {name}, which the gradient would "
                                  f"overwrite before it is read; pass a grad_out apart from {name}")
-    grad_scale, grad_loss = _grad_loss(grad_loss, want_grad, reduction,
-                                       _without_axis(logits.shape, class_axis), within)
     return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, want_grad, grad_out, bool(return_lse), dtype,
                 compute_dtype(dtype), grad_scale, grad_loss)

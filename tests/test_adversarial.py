@@ -54,6 +54,24 @@ def test_grad_out_sharing_the_class_indices_is_refused(rng):
     np.testing.assert_array_equal(target, [0, 5, 7, 3])
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_grad_out_sharing_grad_loss_is_refused(on, name, rng):
+    """``grad_loss`` of a ``none`` loss is read row by row after the gradient rows before it
+    are written: inside ``grad_out`` (or the input taken as ``grad_out``) it is refused."""
+    target = on.array(np.array([0, 1, 2, 3]))
+    grad_out = on.array(np.zeros((4, 6)))
+    with raises_on(on, ValueError, r"^grad_out shares memory with grad_loss", asks="grad_out"):
+        on.result(getattr(fastlsm, name)(on.array(scaled_normal((4, 6), rng)), target,
+                                         reduction="none", grad_out=grad_out,
+                                         grad_loss=grad_out.reshape(-1)[6:10]))
+    x = scaled_normal((4, 6), rng)
+    before = x.copy()
+    with pytest.raises(ValueError, match=r"^grad_out shares memory with grad_loss"):
+        getattr(fastlsm, name)(x, np.array([0, 1, 2, 3]), reduction="none", grad_out=x,
+                               grad_loss=x.reshape(-1)[6:10])
+    np.testing.assert_array_equal(x, before)
+
+
 def test_grad_out_may_still_be_the_input(rng):
     x = scaled_normal((4, 40), rng)
     target = np.array([0, 5, 39, 7])

@@ -929,6 +929,21 @@ def test_all_ignored(source, shape, label_smoothing, rng):
         assert np.isnan(fastlsm.nll_loss(x, case.target, **case.kwargs))
 
 
+@pytest.mark.parametrize("eps", [-0.1, -INF, NAN])
+def test_label_smoothing_not_above_zero_is_none(eps, rng):
+    """PyTorch checks only ``eps <= 1``: a negative or nan ``eps`` means no smoothing."""
+    x = rng.standard_normal((4, 5))
+    for target in (np.array([0, 1, 2, 3]), rng.dirichlet(np.ones(5), 4)):
+        loss, grad = fastlsm.cross_entropy(x, target, label_smoothing=eps, return_grad=True)
+        loss0, grad0 = fastlsm.cross_entropy(x, target, return_grad=True)
+        assert loss == loss0
+        np.testing.assert_array_equal(grad, grad0)
+        if torch is not None:
+            expected = TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(target),
+                                        label_smoothing=eps)
+            np.testing.assert_allclose(loss, expected.item(), rtol=1e-14)
+
+
 @source_param
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("shape, kind", [((0, 5), "indices"), ((0, 5, 3), "indices"),

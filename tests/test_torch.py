@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
+import fastlsm  # noqa: E402
 import fastlsm.torch as ft  # noqa: E402  (after the skip: it imports torch)
 
 F32, F64 = torch.float32, torch.float64
@@ -465,3 +466,15 @@ def test_cross_entropy_on_the_gpu(case, reduction, inplace, rng):
                                            **options),
                 lambda x: F.cross_entropy(x, target, reduction=reduction, **options),
                 [x], rng, F32)
+
+
+def test_the_numpy_functions_name_a_tensor_that_requires_grad():
+    """NumPy cannot read a tensor that requires grad: the error names the argument (and keeps
+    PyTorch's advice), instead of PyTorch's RuntimeError from inside NumPy."""
+    x = torch.zeros(3, 4, requires_grad=True)
+    with pytest.raises(TypeError, match=r"^input could not be converted to an array: .*detach"):
+        fastlsm.cross_entropy(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match=r"^weight could not be converted to an array"):
+        fastlsm.cross_entropy(x.detach(), torch.tensor([0, 1, 2]), x[0])
+    with pytest.raises(TypeError, match=r"^x could not be converted to an array"):
+        fastlsm.log_softmax(x)
