@@ -87,6 +87,28 @@ def test_dominant_entry_at_every_position(on, dtype, n_classes, rng):
         check_dominated(on, x, dtype)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n_classes", CLASSES)
+def test_entries_far_below_the_max_add_exactly_nothing(on, dtype, n_classes, rng):
+    """A masked row (one live entry, the rest -inf) or one whose other entries are far below
+    its max: ``r`` is 0, so logsumexp is the max, the dominant log-probability and its
+    cross-entropy exactly 0, as SciPy gives (not the smallest normal number a term)."""
+    if on.name == "cuda" and n_classes not in CUDA_CLASSES:
+        pytest.skip("on CUDA: CUDA_CLASSES only")
+    positions = np.unique(np.linspace(0, n_classes - 1, 7).astype(int))
+    for gap in (np.inf, 1e9):
+        x = dominated(len(positions), n_classes, dtype, gap, positions, rng)
+        for axis, a in ((-1, x), (0, np.ascontiguousarray(x.T))):
+            if on.name == "cuda" and axis == 0:
+                continue  # CUDA's columns are rows of a transposed copy: the case above
+            assert np.all(on.result(fastlsm.logsumexp(on.array(a), axis=axis)) == 0)
+            logp = on.result(fastlsm.log_softmax(on.array(a), axis=axis))
+            np.testing.assert_array_equal(logp, a)   # x - 0 - log1p(0): x itself, -inf or not
+            loss = on.result(fastlsm.cross_entropy(on.array(a), on.array(positions), axis=axis,
+                                                   reduction="none"))
+            assert np.all(loss == 0), loss
+
+
 @pytest.mark.parametrize("dtype, split", [(F64, False), (F32, True)], ids=["streamed", "split"])
 def test_long_rows_on_cuda(dtype, split, monkeypatch, rng):
     """Rows streamed beyond the registers, and rows split into segments (few and long), with
@@ -166,6 +188,10 @@ def test_rows_split_across_dask_chunks(dtype, n_classes, chunk, rng):
                 return da.from_array(a, chunks=(2, chunk))
             return super().array(a)
     check_dominated(SplitDask(), x, dtype)
+    masked = dominated(len(positions), n_classes, dtype, np.inf, positions, rng)
+    assert np.all(SplitDask().result(fastlsm.logsumexp(SplitDask().array(masked))) == 0)
+    np.testing.assert_array_equal(
+        SplitDask().result(fastlsm.log_softmax(SplitDask().array(masked))), masked)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

@@ -84,7 +84,8 @@ def _emit_exp(builder, x, p, summand=False):
     lo = p["lo_normal"] if summand else p["lo"]
     if not summand:
         x = builder.select(builder.fcmp_ordered(">", x, const(p["hi"]), flags=_FLAGS), const(p["hi"]), x)
-    x = builder.select(builder.fcmp_ordered("<", x, const(lo), flags=_FLAGS), const(lo), x)
+    below = builder.fcmp_ordered("<", x, const(lo), flags=_FLAGS)
+    x = builder.select(below, const(lo), x)
     t = add(mul(x, const(p["log2e"])), const(p["magic"]))   # n = round(x / ln2) sits in t's low bits
     n_float = sub(t, const(p["magic"]))
     r = sub(x, mul(n_float, const(p["ln2_hi"])))
@@ -99,7 +100,9 @@ def _emit_exp(builder, x, p, summand=False):
         return builder.bitcast(builder.shl(biased, ir.Constant(ity, p["mantissa_bits"])), fty)
 
     if summand:
-        return mul(y, pow2(n))  # n >= -126 (-1022): 2**n is a normal number
+        # n >= -126 (-1022): 2**n is a normal number; below it the term is 0, so that an entry
+        # far under the max (-inf above all) adds exactly nothing to a row's excess.
+        return builder.select(below, const(0.0), mul(y, pow2(n)))
     # 2**n as two factors 2**n1 * 2**n2, so results near overflow and underflow (subnormals)
     # stay exact in the exponent bits.
     n1 = builder.ashr(n, ir.Constant(ity, 1))
@@ -121,9 +124,11 @@ def exp(typingctx, x):
 @intrinsic
 def exp_summand(typingctx, x):
     """``exp(x)`` for ``x <= 0`` (or nan) as a term of a sum that is at least 1: as :func:`exp`,
-    but an ``x`` below ``log`` of the smallest normal number gives that number (~1e-38 in
-    float32) instead of a smaller one, an error far below the sum's rounding.  Without the
-    overflow clamp and the two-factor ``2**n``, ~25% fewer instructions."""
+    but an ``x`` below ``log`` of the smallest normal number (~1e-38 in float32) gives 0 rather
+    than a subnormal: an error far below the sum's rounding, and a row's excess over its max
+    stays exactly 0 where every other entry is that far below it (``logsumexp([0, -inf])`` is
+    0, not 1e-308).  Without the overflow clamp and the two-factor ``2**n``, ~25% fewer
+    instructions."""
     params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
     if params is None:
         return None
