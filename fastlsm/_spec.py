@@ -77,10 +77,12 @@ def result_dtype(dtype: np.dtype, name: str) -> np.dtype:
     if dtype.kind in "biu":
         return np.dtype(np.float64)
     if dtype.kind == "f":
-        if dtype.itemsize > 8:
-            raise TypeError(f"{name} has dtype {dtype}, which fastlsm does not support; "
-                            "cast it to float64 first")
-        return dtype.newbyteorder("=")
+        native = dtype.newbyteorder("=")
+        if native in NATIVE_FLOATS or native in _FLOAT_COMPUTE:
+            return native  # float16, or a non-native byte order: results are native
+        # long double, or a float8 of ml_dtypes that calls itself a float
+        raise TypeError(f"{name} has dtype {dtype}, which fastlsm does not support; cast it "
+                        f"to {'float64' if dtype.itemsize > 8 else 'float32'} first")
     raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
 
 
@@ -169,6 +171,9 @@ def describe(x, name: str, within: str, *, real: bool = True) -> Argument:
     dtype = _numpy_dtype(x.dtype)
     if real:
         result_dtype(dtype, name)
+    if any(n != n for n in x.shape):  # nan: a Dask array's unknown chunk sizes
+        raise ValueError(f"{name} has unknown chunk sizes (shape {x.shape}), as after boolean "
+                         f"indexing; call {name}.compute_chunk_sizes() first")
     return Argument(x, tuple(int(n) for n in x.shape), dtype, where)
 
 
@@ -271,6 +276,8 @@ def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     axes = []
     for item in items:
         try:
+            if type(item) is bool:  # an int to Python, refused by NumPy: axis=False is no axis 0
+                raise TypeError
             index = operator.index(item)
         except TypeError:
             raise TypeError(f"{name} must be an int, a tuple of ints or None, got {axis!r}") from None
@@ -454,6 +461,8 @@ def _class_axis(shape: tuple[int, ...], axis) -> int:
     ndim = len(shape)
     if ndim == 0:
         raise ValueError("input must have at least 1 dimension (the classes), got a 0-d array")
+    if type(axis) is bool:  # an int to Python, refused by NumPy (as normalize_axes)
+        raise TypeError(f"axis must be an int, got {axis!r}")
     if ndim == 1 and axis == 1:
         return 0  # PyTorch: a 1-D input is a single row of classes
     if type(axis) is int and 0 <= axis < ndim:

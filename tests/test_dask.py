@@ -342,6 +342,18 @@ def test_mean_of_all_ignored_is_nan(chunking, rng):
         np.testing.assert_array_equal(grad, np.zeros_like(x))
 
 
+def test_unknown_chunk_sizes_are_named(rng):
+    """Boolean indexing leaves nan chunk sizes: a ValueError naming the argument and the cure."""
+    x = da.from_array(rng.standard_normal((6, 4)), chunks=2)
+    x = x[x[:, 0] > -10]
+    for call in (lambda: fastlsm.log_softmax(x), lambda: fastlsm.logsumexp(x),
+                 lambda: fastlsm.softmax_backward(x, x),
+                 lambda: fastlsm.cross_entropy(x, np.zeros(6, np.int64))):
+        with pytest.raises(ValueError, match=r"^(x|input|grad_output) has unknown chunk sizes "
+                                             r".*compute_chunk_sizes\(\)"):
+            call()
+
+
 def test_split_classes_need_numpy_blocks(rng):
     """The split-class kernels are CPU kernels: other block types get a clear error."""
     masked = da.from_array(logits(F64, rng), chunks=(5, 10)).map_blocks(np.ma.masked_invalid)

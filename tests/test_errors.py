@@ -75,6 +75,18 @@ def test_longdouble(backend, func):
     assert_not_numba(ei)
 
 
+@pytest.mark.parametrize("func", ALL)
+def test_float8_is_refused(backend, func):
+    """ml_dtypes' float8_e5m2 calls itself a float (kind 'f'): refused like long double, not
+    handed to the kernels."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.array([[1.0, 2.0]], dtype=ml_dtypes.float8_e5m2)
+    with pytest.raises(TypeError, match=rf"^{bad_name(func)} has dtype float8_e5m2, which "
+                                        r"fastlsm does not support; cast it to float32") as ei:
+        call(backend, func, x)
+    assert_not_numba(ei)
+
+
 @pytest.mark.parametrize("func", BACKWARD)
 @pytest.mark.parametrize("case", ["complex128", "object", "str", "datetime64"])
 def test_backward_output_dtype_names_output(backend, func, case):
@@ -147,7 +159,8 @@ def test_repeated_axis(backend, func, axis):
 
 
 @pytest.mark.parametrize("func", ALL)
-@pytest.mark.parametrize("axis", [1.0, 0.5, "a", "0", (0, 1.0), (0, "1"), [0], b"0", object()])
+@pytest.mark.parametrize("axis", [1.0, 0.5, "a", "0", (0, 1.0), (0, "1"), [0], b"0", object(),
+                                  True, False, (0, True)])  # bools: NumPy's TypeError too
 def test_axis_wrong_type(backend, func, axis):
     with pytest.raises(TypeError, match=r"axis must be an int, a tuple of ints or None") as ei:
         call(backend, func, np.zeros((3, 4)), axis)

@@ -319,8 +319,9 @@ def test_unsupported_input_dtypes(backend, func, case):
     (dict(target=np.array([0, 1, 2, 3]), weight=[[1.0] * 5, [1.0]]), "weight"),
     (dict(target=np.array([0, 1, 2, 3]), axis=5), "axis"),
     (dict(target=np.array([0, 1, 2, 3]), axis=1.0), "axis"),
+    (dict(target=np.array([0, 1, 2, 3]), axis=True), "axis"),
 ], ids=["str target", "ragged target", "str weight", "complex weight", "ragged weight",
-        "axis 5", "axis 1.0"])
+        "axis 5", "axis 1.0", "axis True"])
 def test_errors_never_come_from_numba_for_odd_arguments(backend, func, odd, named):
     ei = raises(backend, (TypeError, ValueError, IndexError), "", func, logits(4, 5), **odd)
     assert named in str(ei.value), f"the error does not name {named}: {ei.value}"
