@@ -40,9 +40,12 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         denominator.  Must be negative with probability targets.
     reduction : {'mean', 'sum', 'none'}, optional
         ``mean`` divides by the sum of ``weight[target]`` over kept elements (by the number of
-        rows with probability targets); all ignored gives nan.
+        rows with probability targets); all ignored gives nan.  Where that sum is 0 with label
+        smoothing, the smoothed sum is divided as a whole (``inf`` or nan); PyTorch divides its
+        two terms apart, so it may give nan where fastlsm gives ``inf``.
     label_smoothing : float, optional
-        In [0, 1]: PyTorch's ``(1 - eps) * nll + eps / C * sum_c(-w_c * logp_c)``.
+        At most 1: PyTorch's ``(1 - eps) * nll + eps / C * sum_c(-w_c * logp_c)``; 0, a
+        negative number or nan is no smoothing, as in PyTorch.
     axis : int, optional
         The class axis (PyTorch's dim 1 by default; the only axis of a 1-D input).  ``axis=-1``
         takes ``(B, T, V)`` logits without a copy.
