@@ -244,6 +244,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 def log_softmax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``torch.nn.functional.log_softmax`` computed by :func:`fastlsm.log_softmax`.
 
+    Non-finite rows get :func:`fastlsm.log_softmax`'s answers, SciPy's: a row holding ``+inf``
+    is nan there and ``-inf`` elsewhere, where PyTorch gives nan throughout.
+
     Parameters
     ----------
     input : Tensor
