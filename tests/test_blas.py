@@ -12,10 +12,14 @@ from fastlsm.backends.cpu import blas
 
 
 def layouts(a: np.ndarray) -> list[np.ndarray]:
-    """``a`` C-ordered, Fortran-ordered, and as a strided slice of a wider array."""
+    """``a`` C-ordered, Fortran-ordered, as a strided slice of a wider array, and reversed
+    along an axis of length 1 (a negative stride that steps nowhere: a 1-row chunk of
+    ``x[::-1]``)."""
     wide = np.zeros((a.shape[0], a.shape[1] + 5), a.dtype)
     wide[:, 2:2 + a.shape[1]] = a
-    return [a, np.asfortranarray(a), wide[:, 2:2 + a.shape[1]]]
+    reversed_ones = [a[::-1]] if a.shape[0] == 1 else []
+    reversed_ones += [a[:, ::-1]] if a.shape[1] == 1 else []
+    return [a, np.asfortranarray(a), wide[:, 2:2 + a.shape[1]], *reversed_ones]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -472,6 +472,20 @@ def test_linear_cross_entropy_grad_loss(rng):
         assert_all_match(result, expected, F64)
 
 
+@pytest.mark.parametrize("rows, features", [(0, 6), (10, 0)])
+def test_linear_cross_entropy_without_rows_or_features(rows, features, rng):
+    """N = 0 (zero gradients) and H = 0 (the logits are the bias) as on NumPy."""
+    x = rng.standard_normal((rows, features))
+    w, b = rng.standard_normal((13, features)), rng.standard_normal(13)
+    target = rng.integers(0, 13, rows)
+    expected = fastlsm.linear_cross_entropy(x, w, target, linear_bias=b, return_grad=True)
+    result = compute(fastlsm.linear_cross_entropy(da.from_array(x, chunks=(4, features)), w,
+                                                  target, linear_bias=b, return_grad=True))
+    assert_all_match(result, expected, F64)
+    if rows == 0:
+        assert not np.asarray(result[2]).any()
+
+
 def test_linear_cross_entropy_bad_target_raises_the_first_in_the_whole_array(rng):
     x, w, _ = linear_head(F64, rng)
     target = rng.integers(0, 13, 10)

@@ -36,7 +36,7 @@ def reference(x, w, b, target, *, weight=None, ignore_index=-100, reduction="mea
     if softcap is not None:
         grad = grad * (1.0 - np.tanh(z / softcap) ** 2)
     dz = grad.reshape(-1, w.shape[0])
-    x2 = x64.reshape(-1, w.shape[1])
+    x2 = x64.reshape(dz.shape[0], w.shape[1])
     return loss, (dz @ w64).reshape(x.shape), dz.T @ x2, dz.sum(axis=0)
 
 
@@ -139,6 +139,42 @@ def test_every_target_ignored_gives_nan_and_zero_gradients(rng):
                                                     return_grad=True, chunk_bytes=3 * 11 * 8)
     assert np.isnan(loss)
     assert not dx.any() and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_gives_zero_gradients(reduction, rng):
+    """N = 0: no chunk runs, and the weight's gradient is still written: zeros."""
+    _, w, b = head(rng)
+    loss, dx, dw, db = fastlsm.linear_cross_entropy(
+        np.zeros((0, 5)), w, np.zeros(0, np.int64), linear_bias=b, reduction=reduction,
+        return_grad=True)
+    assert dx.shape == (0, 5) and dw.shape == w.shape and db.shape == b.shape
+    assert not dw.any() and not db.any()
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        assert np.isnan(loss) if reduction == "mean" else loss == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_features(bias, rng):
+    """H = 0: the logits are the bias, or zeros (a loss of log C), as PyTorch has them."""
+    x, w, b = head(rng, features=0, bias=bias)
+    t = np.array([0, 1, 2, 3, 4, 5, 6])
+    result = fastlsm.linear_cross_entropy(x, w, t, linear_bias=b, return_grad=True)
+    assert_matches(result, reference(x, w, b, t), 1e-12)
+    if not bias:
+        np.testing.assert_allclose(result[0], np.log(11), rtol=1e-15)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_reversed_rows(chunk, rng):
+    """``x[::-1]``: each 1-row chunk of it keeps a negative stride BLAS is given no step of."""
+    x, w, b = head(rng)
+    t = np.array([0, 5, 10, 3, 3, 7, 1])
+    result = fastlsm.linear_cross_entropy(x[::-1], w, t, linear_bias=b, return_grad=True,
+                                          chunk_bytes=chunk_bytes(chunk, 11, F64))
+    assert_matches(result, reference(x[::-1].copy(), w, b, t), 1e-12)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(F32, 2e-5), (np.float16, 2e-2)])

@@ -97,7 +97,8 @@ def _fortran_operand(a: np.ndarray) -> tuple[bytes, int]:
 def _is_blas_operand(a: np.ndarray) -> bool:
     item = a.itemsize
     return (a.strides[1] == item or a.shape[1] == 1 or a.strides[0] == item
-            or a.shape[0] == 1) and all(s >= 0 and s % item == 0 for s in a.strides)
+            or a.shape[0] == 1) and all(s % item == 0 and (s >= 0 or n == 1)  # a 1-row chunk of
+                                        for s, n in zip(a.strides, a.shape))  # x[::-1], say
 
 
 def adding_gemm(dtype: np.dtype) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:

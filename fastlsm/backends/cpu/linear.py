@@ -72,7 +72,7 @@ class _Chunked:
         self.spec, self.loss_spec = spec, loss
         dtype = spec.compute_dtype
         x = spec.input.data
-        self.features = x.reshape(-1, x.shape[-1])
+        self.features = x.reshape(spec.loss.n_rows, x.shape[-1])  # -1 fails where H = 0
         n, h = self.features.shape
         self.weight = spec.linear_weight.data.astype(dtype, copy=False)
         self.bias = None if spec.linear_bias is None else spec.linear_bias.data.astype(
@@ -107,8 +107,9 @@ class _Chunked:
             shared = len(self.parts) > 1 or spec.result_dtype != dtype
             self.input_shares = np.empty((len(self.parts), self.chunk, h) if shared
                                          else (0, 0, 0), dtype)
-            # In the compute dtype: float32 or float64, also for float16 inputs.
-            self.grad_weight = np.empty(self.weight.shape, dtype)
+            # In the compute dtype: float32 or float64, also for float16 inputs.  Zeros (calloc:
+            # no pass before the first chunk's product writes it), for a call without rows.
+            self.grad_weight = np.zeros(self.weight.shape, dtype)
             self.grad_bias = None if self.bias is None else np.zeros(spec.n_classes, np.float64)
             self.add_product = blas.adding_gemm(dtype)
             self.weight_share = None  # without SciPy: a later chunk's dW, before it is added

@@ -94,7 +94,7 @@ class _Chunked:
         target = spec.loss
         dtype = spec.compute_dtype
         x = spec.input.data
-        self.features = x.reshape(-1, x.shape[-1])
+        self.features = x.reshape(spec.loss.n_rows, x.shape[-1])  # -1 fails where H = 0
         n = self.features.shape[0]
         self.weight = ops.as_dtype(spec.linear_weight.data, dtype)
         self.bias = None if spec.linear_bias is None else ops.as_dtype(spec.linear_bias.data,
@@ -123,6 +123,8 @@ class _Chunked:
         if want_grad:
             grad_input = ops.empty((n, h), spec.result_dtype)
             grad_weight = ops.empty(tuple(spec.linear_weight.shape), dtype)
+            if n == 0:
+                grad_weight[...] = 0  # no chunk's product writes it
             grad_bias = (None if self.bias is None
                          else ops.as_dtype(np.zeros(spec.n_classes), np.dtype(np.float64)))
         logits = ops.empty((self.chunk, spec.n_classes), dtype)
