@@ -230,18 +230,29 @@ def shares_memory(a, b) -> bool:
     return False
 
 
-def _device_range(a) -> tuple[int, int]:
-    """The addresses ``[start, end)`` a device array's elements span."""
+def same_device_elements(a, b) -> bool:
+    """Whether device arrays ``a`` and ``b`` are views of the very same elements, in the same
+    order (an output that is its input): address, shape and strides alike."""
+    return _device_layout(a) == _device_layout(b)
+
+
+def _device_layout(a) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    """A device array's ``(start address, shape, strides in bytes, itemsize)``."""
     if type(a).__module__.startswith("torch"):
         # Its interface raises for a tensor that requires grad.
         shape, itemsize = tuple(a.shape), a.element_size()
-        start, strides = a.data_ptr(), tuple(st * itemsize for st in a.stride())
-    else:
-        # The CUDA simulator's arrays hold a NumPy array, with NumPy's interface.
-        face = (a.__cuda_array_interface__ if hasattr(a, "__cuda_array_interface__")
-                else a._ary.__array_interface__)
-        shape, itemsize = tuple(face["shape"]), np.dtype(face["typestr"]).itemsize
-        start, strides = face["data"][0], face.get("strides") or _c_strides(shape, itemsize)
+        return a.data_ptr(), shape, tuple(st * itemsize for st in a.stride()), itemsize
+    # The CUDA simulator's arrays hold a NumPy array, with NumPy's interface.
+    face = (a.__cuda_array_interface__ if hasattr(a, "__cuda_array_interface__")
+            else a._ary.__array_interface__)
+    shape, itemsize = tuple(face["shape"]), np.dtype(face["typestr"]).itemsize
+    return face["data"][0], shape, tuple(face.get("strides") or _c_strides(shape, itemsize)), \
+        itemsize
+
+
+def _device_range(a) -> tuple[int, int]:
+    """The addresses ``[start, end)`` a device array's elements span."""
+    start, shape, strides, itemsize = _device_layout(a)
     if 0 in shape:
         return start, start
     low = sum(st * (n - 1) for st, n in zip(strides, shape) if st < 0)
