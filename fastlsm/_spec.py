@@ -246,8 +246,8 @@ def _device_layout(a) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
     face = (a.__cuda_array_interface__ if hasattr(a, "__cuda_array_interface__")
             else a._ary.__array_interface__)
     shape, itemsize = tuple(face["shape"]), np.dtype(face["typestr"]).itemsize
-    return face["data"][0], shape, tuple(face.get("strides") or _c_strides(shape, itemsize)), \
-        itemsize
+    strides = tuple(face.get("strides") or _c_strides(shape, itemsize))
+    return face["data"][0], shape, strides, itemsize
 
 
 def _device_range(a) -> tuple[int, int]:

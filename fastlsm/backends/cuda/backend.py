@@ -60,7 +60,7 @@ class CudaBackend:
                 return _spec.not_c_contiguous(name)
             for arg_name, arg in _arguments(spec).items():
                 # Rows run in parallel: a row written over another's logits before that row
-                # is read would race (the CPU copies such an input first).
+                # is read would race (the CPU writes such an output through a scratch array).
                 if (arg.placement == _spec.CUDA and _spec.shares_memory(out, arg.data)
                         and not _spec.same_device_elements(out, arg.data)):
                     return ValueError(f"on a CUDA device {name} must be {arg_name} itself or "
