@@ -167,10 +167,6 @@ GAPS = {
     # the kernels see a row as one C-ordered run of classes
     ("cuda", "non-adjacent axes"): (
         ValueError, r"^on a CUDA device the class axes of (x|grad_output) must be adjacent"),
-    # rows run in parallel: an output over other elements of its input would race
-    ("cuda", "overlapping out"): (
-        ValueError, r"^on a CUDA device (out|grad_out) must be (x|input|grad_output|output) "
-                    r"itself or apart from it"),
     # Numba device arrays are read in place
     ("cuda", "not C-ordered"): (
         ValueError, r"^(x|grad_output) is a device array that is not C-contiguous"),

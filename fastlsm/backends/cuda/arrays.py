@@ -157,18 +157,29 @@ def handed_back(result, like: DeviceArray, dtype: np.dtype):
     return result
 
 
-def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray):
-    """The device view to write for a caller's ``out`` (checked by the spec): a NumPy ``out``
-    for NumPy input gets a device buffer, copied into it by :func:`deliver`."""
+def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray, source):
+    """The device view to write for a caller's ``out`` (checked by the spec): ``out``'s own, or
+    a buffer that :func:`deliver` copies into it: for a NumPy ``out`` of NumPy input, and for
+    an ``out`` over other elements of the input ``source``, whose rows, run in parallel, would
+    be overwritten before they are read (``out`` may be ``source`` itself)."""
     if like.library == "numpy":
         return cuda().device_array(shape, device_dtype(dtype))
+    if _spec.shares_memory(out, source) and not _spec.same_device_elements(out, source):
+        return scratch(shape, device_dtype(dtype), like)
+    return _own_view(out)
+
+
+def _own_view(out):
     owner = _interfaced(out.detach()) if library(out) == "torch" else out
     return (cuda().as_cuda_array(owner, sync=False) if hasattr(owner, "__cuda_array_interface__")
             else owner)
 
 
 def deliver(view, out, like: DeviceArray):
-    """Hand back the caller's ``out``, filled from ``view`` where it is a host array."""
+    """Hand back the caller's ``out``, filled from ``view`` where that is a buffer of its own
+    (:func:`out_view`)."""
     if like.library == "numpy":
         view.copy_to_host(out.view(view.dtype))
+    elif not _spec.same_device_elements(view, out):
+        _own_view(out).copy_to_device(view)
     return out

@@ -108,7 +108,7 @@ def _grad_target(spec: _spec.Loss, rows: Rows, like: DeviceArray):
         result, dst = arrays.empty(shape, spec.result_dtype, like)
     else:
         result = spec.grad_out
-        dst = arrays.out_view(spec.grad_out, shape, spec.result_dtype, like)
+        dst = arrays.out_view(spec.grad_out, shape, spec.result_dtype, like, spec.input.data)
     return result, dst, matrix_target(rows, dst)
 
 

@@ -25,7 +25,7 @@ def _result(spec: _spec.Rowwise, like: DeviceArray):
     """``(result, view)``: what the caller gets (``out``, or a new array) and its device view."""
     if spec.out is None:
         return arrays.empty(spec.shape, spec.result_dtype, like)
-    return spec.out, arrays.out_view(spec.out, spec.shape, spec.result_dtype, like)
+    return spec.out, arrays.out_view(spec.out, spec.shape, spec.result_dtype, like, spec.x.data)
 
 
 def _returned(spec: _spec.Rowwise, result, view, like: DeviceArray):
