@@ -73,11 +73,28 @@ def test_plot_writes_a_png(tmp_path, capsys):
 
 
 def test_bad_options_are_refused(capsys):
-    for argv in (["--ops", "nope"], ["--shapes", "12"], ["--shapes", "0x4"], ["--dtype", "int8"]):
+    for argv in (["--ops", "nope"], ["--shapes", "12"], ["--shapes", "0x4"], ["--dtype", "int8"],
+                 ["--repeat", "0"], ["--repeat", "-1"], ["--threads", "0"], ["--budget", "-1"],
+                 ["--budget", "nan"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
-        assert exc.value.code == 2
+        assert exc.value.code == 2, argv
     assert command.parse_shapes("8192x32000, 32x10") == [(8192, 32000), (32, 10)]
+
+
+def test_outputs_it_cannot_write_are_refused_before_the_run(tmp_path, monkeypatch):
+    """Refused before anything is timed: an unwritable path, an output the run does not make,
+    a shape larger than the machine's memory."""
+    monkeypatch.setattr(command.cpu, "run", lambda *a, **k: pytest.fail("the run started"))
+    cases = [(["--json", str(tmp_path / "missing" / "x.json")], "not a file in a writable"),
+             (["--plot", str(tmp_path)], "not a file in a writable"),
+             (["--dask", "--json", str(tmp_path / "x.json")], "--json is not supported with"),
+             (["--ops", "linear_cross_entropy", "--plot", str(tmp_path / "x.png")],
+              "--plot is not supported with"),
+             (["--shapes", "99999999999x99999999999"], "GiB an array; this machine has")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            bench.main(argv)
 
 
 def test_python_m_fastlsm_bench():
@@ -184,4 +201,6 @@ def test_linear_cross_entropy_options_are_checked():
                  ["--ops", "softmax", "--shapes", "64x8x300"]):
         with pytest.raises(SystemExit, match="linear_cross_entropy|ROWSxCOLS"):
             bench.main(argv)
+    with pytest.raises(SystemExit, match=r"--threads must be in 1\.\."):
+        bench.main(["--ops", "linear_cross_entropy", "--shapes", "4x3x5", "--threads", "9999"])
     assert command.parse_shapes("4096x512x32000") == [(4096, 512, 32000)]

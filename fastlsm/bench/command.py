@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from typing import Callable, Sequence
 
 from fastlsm.bench import cluster, cpu, cuda, linear
@@ -36,6 +38,26 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def _choices(kind: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
@@ -66,11 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(shape_str, cuda.DEFAULT_SHAPES))})")
     parser.add_argument("--dtype", type=_choices("dtype", ("float32", "float64")),
                         default=["float32"], help="float32, float64 or both (default: float32)")
-    parser.add_argument("--threads", type=int, help="threads for Numba and PyTorch, cpu only "
+    parser.add_argument("--threads", type=_positive_int, help="threads for Numba and PyTorch, cpu only "
                                                     "(default: all)")
-    parser.add_argument("--repeat", type=int, help="samples per measurement (default: adaptive, "
+    parser.add_argument("--repeat", type=_positive_int, help="samples per measurement (default: adaptive, "
                                                    "a time budget per measurement; cuda: 20)")
-    parser.add_argument("--budget", type=float, default=cpu.Config.run_budget_s,
+    parser.add_argument("--budget", type=_seconds, default=cpu.Config.run_budget_s,
                         help="seconds the peers may take, split evenly between the cases: a peer "
                              "slower than 20 ms a call is timed once (after a warm-up call) where "
                              "more samples would overrun its case's share; 0: no cap; cpu only "
@@ -90,6 +112,7 @@ def run_args(args: argparse.Namespace) -> int:
     """Run ``fastlsm bench`` from parsed arguments: on the CPU (:func:`fastlsm.bench.cpu.run_args`),
     ``--device cuda`` (:func:`fastlsm.bench.cuda.run_args`) or ``--dask``
     (:func:`fastlsm.bench.cluster.run`); the exit status."""
+    _check_outputs(args)
     if LINEAR in args.ops:
         if args.ops != [LINEAR] or args.device != "cpu" or args.dask:
             raise SystemExit(f"fastlsm bench: --ops {LINEAR} runs alone, on the CPU")
@@ -103,6 +126,29 @@ def run_args(args: argparse.Namespace) -> int:
         print(cluster.run(shape, dtype=args.dtype[0], repeat=args.repeat or 3))
         return 0
     return cpu.run_args(args)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before a long run, not after it: an output the run does not write, a path that
+    cannot be written, a shape no array of this machine's memory holds."""
+    unsupported = (["--json", "--plot"] if args.dask
+                   else ["--plot"] if LINEAR in args.ops else [])
+    for flag in unsupported:
+        if getattr(args, flag[2:]):
+            raise SystemExit(f"fastlsm bench: {flag} is not supported with "
+                             f"{'--dask' if args.dask else '--ops ' + LINEAR}")
+    for flag in ("--json", "--plot"):
+        path = getattr(args, flag[2:])
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.access(folder, os.W_OK)):
+            raise SystemExit(f"fastlsm bench: {flag} {path}: not a file in a writable folder")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for shape in args.shapes or ():
+        need = math.prod(shape) * 8
+        if need > memory:
+            raise SystemExit(f"fastlsm bench: --shapes {shape_str(shape)} needs "
+                             f"{need / 2**30:.0f} GiB an array; this machine has "
+                             f"{memory / 2**30:.0f} GiB")
 
 
 def main(argv: list[str] | None = None) -> int:

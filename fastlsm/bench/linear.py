@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 import fastlsm
+from fastlsm.bench.cpu import set_threads
 from fastlsm.bench.timing import format_time, measure, shape_str
 
 # The cases: a 32000-class head on 4096 rows of 512 features (speed) and on 8192 rows of
@@ -131,10 +132,9 @@ def run_args(args) -> int:
         import torch
     except ImportError:
         torch = None
-    if torch is not None and args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"fastlsm {fastlsm.__version__} bench: linear_cross_entropy; torch "
-          f"{torch.__version__ if torch else '(not importable, skipped)'}")
+    threads = set_threads(args.threads, {"torch": torch.__version__ if torch else None})
+    print(f"fastlsm {fastlsm.__version__} bench: linear_cross_entropy; threads: {threads}; "
+          f"torch {torch.__version__ if torch else '(not importable, skipped)'}")
     records = run(shapes, [np.dtype(d) for d in args.dtype], args.repeat, torch is not None)
     if args.json:
         import json
