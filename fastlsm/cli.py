@@ -11,7 +11,8 @@ from fastlsm import info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlsm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastlsm", description="fastlsm's command line: its facts, its cache, its benchmark.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions, threads, threading layer, cache and CUDA status")
     compile_ = commands.add_parser(
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = args.dtype.split(",")
         for name in dtypes:
             try:
-                if np.dtype(name).kind != "f":
+                if np.dtype(name) not in (np.float16, np.float32, np.float64):
                     raise TypeError
             except TypeError:
-                parser.error(f"--dtype: {name!r} is not a floating-point dtype")
+                parser.error(f"--dtype: {name!r} is not float16, float32 or float64")
         seconds = fill_cache(dtypes, progress=print)
         cache = base.get("cpu").info()["numba cache"]
         print(f"{'total':<20} {sum(seconds.values()):7.2f} s, cache: {cache}")

@@ -491,9 +491,21 @@ def test_fastlsm_device_environment_variable():
     env = dict(os.environ, FASTLSM_DEVICE="cuda")
     code = ("import fastlsm; assert fastlsm.get_default_device() == 'cuda'")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    bad = subprocess.run([sys.executable, "-c", "import fastlsm"], capture_output=True,
-                         text=True, env=dict(os.environ, FASTLSM_DEVICE="gpu"))
-    assert bad.returncode != 0 and "FASTLSM_DEVICE must be one of" in bad.stderr
+    # A bad value fails the first call that goes by the default, not the import (nor the
+    # command line's --help); an explicit device= or set_default_device() still works.
+    code = ("import numpy as np, pytest, fastlsm\n"
+            "x = np.ones((2, 3))\n"
+            "for call in (lambda: fastlsm.log_softmax(x), lambda: fastlsm.get_default_device(),\n"
+            "             lambda: fastlsm.cross_entropy(x, np.array([0, 1]))):\n"
+            "    with pytest.raises(ValueError, match='^FASTLSM_DEVICE must be one of'):\n"
+            "        call()\n"
+            "fastlsm.log_softmax(x, device='cpu')\n"
+            "fastlsm.set_default_device('cpu')\n"
+            "fastlsm.log_softmax(x)\n")
+    env = dict(os.environ, FASTLSM_DEVICE="gpu")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "fastlsm.cli", "--help"], check=True, env=env,
+                   capture_output=True)
 
 
 # --- PyTorch and CuPy arrays (on a real GPU only) ------------------------------------------------

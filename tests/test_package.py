@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
@@ -46,6 +48,26 @@ def test_cli_info_reports_versions_threads_and_cache():
         assert facts.get(name), (name, proc.stdout)
     assert int(facts["threads"]) >= 1
     assert facts["threading layer"] in {"omp", "tbb", "workqueue"}
+
+
+@pytest.mark.parametrize("layer", ["bogus", "tbb"])
+def test_cli_info_says_why_a_threading_layer_does_not_load(layer):
+    """NUMBA_THREADING_LAYER naming a layer that does not load (tbb where it is not installed):
+    ``fastlsm info`` still prints, and says why."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
+    proc = subprocess.run([sys.executable, "-m", "fastlsm.cli", "info"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("threading layer"))
+    assert line.split(None, 2)[2].startswith(("none: ", "tbb")), line
+
+
+def test_cli_compile_refuses_dtypes_fastlsm_does_not_take():
+    for name in ("longdouble", "int32", "complex64", "nope"):
+        proc = subprocess.run([sys.executable, "-m", "fastlsm.cli", "compile", "--dtype", name],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "is not float16, float32 or float64" in proc.stderr, (
+            name, proc.stderr)
 
 
 def test_cli_compile_fills_the_cache_that_later_processes_load():

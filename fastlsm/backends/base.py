@@ -93,21 +93,36 @@ def _check_device(device, name: str) -> str | None:
     return None if device == "auto" else device
 
 
+def _from_environment() -> tuple[str | None, ValueError | None]:
+    """``FASTLSM_DEVICE`` checked: ``(device, None)``, or for a bad value ``("invalid",
+    its error)``, raised by the first call that goes by the default (not at import, so that a
+    typo does not break ``import fastlsm`` or ``fastlsm --help``)."""
+    try:
+        return _check_device(os.environ.get("FASTLSM_DEVICE") or None, "FASTLSM_DEVICE"), None
+    except ValueError as error:
+        return "invalid", error  # not None: the fast paths, which skip _select, step aside
+
+
 # Read once at import; set_default_device() changes it.
-default_device: str | None = _check_device(os.environ.get("FASTLSM_DEVICE") or None,
-                                           "FASTLSM_DEVICE")
+default_device, _environment_error = _from_environment()
 
 
 def set_default_device(device: str | None) -> None:
     """Device for calls that pass no ``device=``: ``"cpu"``, ``"cuda"``, or ``"auto"``/None
     (the default: follow the data).  Starts from the ``FASTLSM_DEVICE`` environment variable."""
-    global default_device
-    default_device = _check_device(device, "device")
+    global default_device, _environment_error
+    default_device, _environment_error = _check_device(device, "device"), None
 
 
 def get_default_device() -> str:
     """The device set by :func:`set_default_device` or ``FASTLSM_DEVICE``; ``"auto"`` if none."""
-    return default_device or "auto"
+    return _checked_default() or "auto"
+
+
+def _checked_default() -> str | None:
+    if _environment_error is not None:
+        raise _environment_error
+    return default_device
 
 
 def runs_on_cpu(device) -> bool:
@@ -118,7 +133,7 @@ def runs_on_cpu(device) -> bool:
 
 
 def _select(where: str, device) -> Backend:
-    device = _check_device(device, "device") or default_device
+    device = _check_device(device, "device") or _checked_default()
     if where == _spec.DASK:
         if device is not None:
             raise ValueError(f"device={device!r} does not apply to a Dask array: each chunk runs "

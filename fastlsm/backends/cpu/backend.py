@@ -149,9 +149,15 @@ class CpuBackend:
     def info(self) -> dict[str, str]:
         import numba
         cache = getattr(softmax.LOG_SOFTMAX.rows.parallel, "_cache", None)
+        try:
+            layer = runtime.threading_layer()
+            threads = str(numba.get_num_threads())
+        except ValueError as exc:  # NUMBA_THREADING_LAYER names a layer that does not load
+            layer = "none: " + " ".join(str(exc).split())
+            threads = "none"
         return {
-            "threads": str(numba.get_num_threads()),
-            "threading layer": runtime.threading_layer(),
+            "threads": threads,
+            "threading layer": layer,
             "numba cache": getattr(cache, "_cache_path", "unknown (this Numba hides it)"),
         }
 
