@@ -23,7 +23,7 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, softcap: float | None = None,
                          z_loss: float = 0.0, return_grad: bool = False, grad_loss: Any = None,
-                         chunk_bytes: int | None = None) -> Any:
+                         chunk_bytes: int | None = None, device: str | None = None) -> Any:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, computed a chunk of
     rows at a time so the logits never exist in full.
 
@@ -43,14 +43,19 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
         Class indices of shape ``(...)``, or class probabilities of shape ``(..., C)``.
     linear_bias : array_like, optional
         The head's bias, ``(C,)``.
-    weight, ignore_index, reduction, label_smoothing, softcap, z_loss, grad_loss
+    weight, ignore_index, reduction, label_smoothing, softcap, z_loss
         As in :func:`fastlsm.cross_entropy`.
     return_grad : bool, optional
         Also return the gradients of the loss with respect to ``input``, ``linear_weight`` and,
         where one is given, ``linear_bias``.
+    grad_loss : float or array_like, optional
+        As in :func:`fastlsm.cross_entropy`.
     chunk_bytes : int, optional
         The logits buffer's size in bytes, which sets how many rows a chunk has (at least
         one).  Default 80 MiB.
+    device : {None, 'auto', 'cpu', 'cuda'}, optional
+        As in :func:`fastlsm.cross_entropy`, but NumPy input runs on the CPU only (its matmuls
+        are NumPy's): ``'cuda'`` with NumPy input is a ``TypeError``.
 
     Returns
     -------
@@ -90,4 +95,4 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
     spec = _spec.linear_loss(input, linear_weight, target, linear_bias, weight, ignore_index,
                              reduction, label_smoothing, z_loss, softcap, return_grad, grad_loss,
                              chunk_bytes)
-    return base.resolve(spec, None).linear_cross_entropy(spec)
+    return base.resolve(spec, device).linear_cross_entropy(spec)

@@ -58,15 +58,15 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         Adds ``z_loss * lse**2`` to each kept row (PaLM's auxiliary loss).
     return_lse : bool, optional
         Also return each row's log-sum-exp (every row, ignored ones included).
-    softcap : float, optional
-        Gemma 2's final-logit soft-capping: the loss is taken on ``softcap * tanh(input /
-        softcap)``, in the same pass, and the gradient returned is with respect to the raw
-        ``input``.  A positive finite number, or None (the default) for none.
     grad_loss : float or array_like, optional
         The gradient of the caller's objective with respect to the returned loss (with
         ``return_grad`` or ``grad_out``): a number for ``mean``/``sum``, an array of the loss's
         shape for ``none``.  The gradient returned is then ``loss.backward(grad_loss)``'s in
         PyTorch.  Default: 1 (for ``none``, ones: the gradient of the sum).
+    softcap : float, optional
+        Gemma 2's final-logit soft-capping: the loss is taken on ``softcap * tanh(input /
+        softcap)``, in the same pass, and the gradient returned is with respect to the raw
+        ``input``.  A positive finite number, or None (the default) for none.
     device : {None, 'auto', 'cpu', 'cuda'}, optional
         Where to compute, as in :func:`fastlsm.log_softmax`; ``input`` decides for ``'auto'``.
         Targets and weights given as NumPy arrays follow device logits to the GPU.  On the GPU,

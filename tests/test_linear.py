@@ -259,8 +259,17 @@ def test_the_cuda_backend_refuses_numpy_input(rng):
         with pytest.raises(TypeError, match="linear_cross_entropy on the CUDA backend takes "
                                             "CuPy arrays or PyTorch CUDA tensors"):
             fastlsm.linear_cross_entropy(x, w, np.zeros(7, int))
+        # device= as every function takes it: 'cpu' runs where the default says cuda
+        expected = reference(x, w, None, np.zeros(7, int))[0]
+        np.testing.assert_allclose(
+            fastlsm.linear_cross_entropy(x, w, np.zeros(7, int), device="cpu"), expected,
+            rtol=1e-12)
     finally:
         fastlsm.set_default_device(None)
+    with pytest.raises(TypeError, match="linear_cross_entropy on the CUDA backend"):
+        fastlsm.linear_cross_entropy(x, w, np.zeros(7, int), device="cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        fastlsm.linear_cross_entropy(x, w, np.zeros(7, int), device="gpu")
 
 
 def test_target_out_of_range_raises_before_anything_is_written(rng, monkeypatch):
