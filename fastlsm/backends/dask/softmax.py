@@ -52,7 +52,8 @@ def _merge_block(stats, *, axes, kernels, columns, result_dtype=None):
     by_block, row_shape = graph.rows_by_block(stats, axes)
     merged = split.merge(kernels.merge, by_block, n_out=columns)
     if columns is None:
-        return merged.astype(result_dtype).reshape(row_shape)
+        lse = merged.astype(result_dtype).reshape(row_shape)
+        return lse[()] if lse.ndim == 0 else lse  # a full reduction: a NumPy scalar, as on NumPy
     return merged.reshape(row_shape + (columns,))
 
 
