@@ -419,6 +419,9 @@ class Loss:
     # loss, or per element (the row shape) for ``none``, where ``grad_scale`` stays 1.
     grad_scale: float = 1.0
     grad_loss: Argument | None = None
+    # The loss's dtype as returned: the result dtype, or float64 for a Dask block's per-row
+    # losses, which the graph sums before it rounds once, as one call does.
+    loss_dtype: np.dtype | None = None
 
     @property
     def n_classes(self) -> int:
@@ -519,7 +522,7 @@ def _check_probability_target(dtype: np.dtype, ignore_index: int) -> None:
 
 def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
          want_grad, grad_out, return_lse, *, probabilities_allowed: bool = True,
-         grad_loss=None, softcap=None) -> Loss:
+         grad_loss=None, softcap=None, loss_dtype: np.dtype | None = None) -> Loss:
     """The spec of ``cross_entropy`` (or, with ``probabilities_allowed=False``, no smoothing,
     no z-loss and no soft-capping, ``nll_loss``)."""
     ignore_index, label_smoothing, z_loss, softcap = _options(
@@ -554,7 +557,8 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
                                  f"overwrite before it is read; pass a grad_out apart from {name}")
     return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, want_grad, grad_out, bool(return_lse), dtype,
-                compute_dtype(dtype), grad_scale, grad_loss)
+                compute_dtype(dtype), grad_scale, grad_loss,
+                dtype if loss_dtype is None else np.dtype(loss_dtype))
 
 
 def _without_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:

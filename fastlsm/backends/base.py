@@ -209,12 +209,14 @@ def linear_chunk_loss(loss: _spec.Loss, z: Any, targets: Any, reduced: bool,
     """The spec of ``linear_cross_entropy``'s loss on one chunk of rows: the logits ``z`` (rows
     of classes, the gradient written over them where one is wanted) and the chunk's
     ``targets``, summed where ``reduced`` (``grad_loss`` a number), else a loss a row
-    (``grad_loss`` one a row, or None for 1s)."""
+    (``grad_loss`` one a row, or None for 1s).  The chunk's loss comes back in float64, to be
+    added to the other chunks' before the call rounds it once."""
     want_grad = loss.want_grad
     return _spec.loss(z, targets, None if loss.weight is None else loss.weight.data,
                       loss.ignore_index, "sum" if reduced else "none", loss.label_smoothing,
                       loss.z_loss, -1, want_grad, z if want_grad else None, False,
-                      grad_loss=grad_loss if want_grad else None, softcap=loss.softcap or None)
+                      grad_loss=grad_loss if want_grad else None, softcap=loss.softcap or None,
+                      loss_dtype=np.float64)
 
 
 def class_indices_int64(flat: np.ndarray, ignore_index: int) -> np.ndarray:

@@ -117,7 +117,7 @@ def _finish_loss(spec: _spec.Loss, rows: layout.Rows, denominator: float, per_ro
                  grad: tuple | None, lse: np.ndarray | None):
     """Reduce the per-row losses and gather what the caller asked for, in the result dtype."""
     dtype = spec.result_dtype
-    results = [reduce_rows(per_row, spec.reduction, denominator, dtype, spec.row_shape)]
+    results = [reduce_rows(per_row, spec.reduction, denominator, spec.loss_dtype, spec.row_shape)]
     if grad is not None:
         results.append(layout.finish_elementwise(rows, *grad, spec.grad_out))
     if lse is not None:

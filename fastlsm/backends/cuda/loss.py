@@ -113,12 +113,12 @@ def _grad_target(spec: _spec.Loss, rows: Rows, like: DeviceArray):
 
 
 def _reduced(spec: _spec.Loss, per_row, denominator: float, like: DeviceArray):
-    """The per-row float64 losses reduced on the device, in the result dtype."""
+    """The per-row float64 losses reduced on the device, in the loss's dtype."""
     if spec.reduction == "none":
-        result, dst = arrays.empty(spec.row_shape, spec.result_dtype, like)
+        result, dst = arrays.empty(spec.row_shape, spec.loss_dtype, like)
         cast_into(per_row, dst)
         return result
-    result, dst = arrays.empty((), spec.result_dtype, like)
+    result, dst = arrays.empty((), spec.loss_dtype, like)
     divisor = denominator if spec.reduction == "mean" else 1.0
     if dst.dtype != arrays.BFLOAT16_WORDS:
         _sum_rows(per_row, divisor, dst.reshape(1))
@@ -133,7 +133,7 @@ def _finish(spec: _spec.Loss, rows: Rows, value, grad, lse):
     """``value``, then the gradient and the log-sum-exps where asked for, as the caller gets them."""
     like = rows.like
     dtype = spec.result_dtype
-    results = [arrays.handed_back(value, like, dtype)]
+    results = [arrays.handed_back(value, like, spec.loss_dtype)]
     if spec.want_grad:
         result, dst, target = grad
         unrows(rows, target, dst)

@@ -187,7 +187,7 @@ def _cross_entropy_rows_block(x_block, target_block, weight, grad_loss, scale, *
     spec = _spec.loss(x_block, target_block, weight, ignore_index, "none", label_smoothing,
                       z_loss, class_axis, return_grad, None, return_lse,
                       grad_loss=_block_grad_loss(row_shape, grad_loss, scale) if return_grad
-                      else None, softcap=softcap or None)
+                      else None, softcap=softcap or None, loss_dtype=np.float64)
     results = base.for_block(x_block).cross_entropy(spec)
     return results if isinstance(results, tuple) else (results,)
 
@@ -208,8 +208,8 @@ def _cross_entropy_rows(spec: _spec.Loss, x, target, weight, denominator):
                                   softcap=spec.softcap, return_grad=spec.want_grad,
                                   return_lse=spec.return_lse)
     row_meta = graph.block_meta(x, len(rows), dtype)
-    outputs = [reduce_rows(graph.result(results, 0, rows, row_meta), spec.reduction, denominator,
-                       dtype)]
+    losses = graph.result(results, 0, rows, graph.block_meta(x, len(rows), np.float64))
+    outputs = [reduce_rows(losses, spec.reduction, denominator, dtype)]
     if spec.want_grad:
         outputs.append(graph.result(results, 1, index, graph.block_meta(x, x.ndim, dtype)))
     if spec.return_lse:
@@ -338,7 +338,7 @@ def _nll_block(x_block, target_block, weight, class_ids, grad_loss, scale, *, cl
     spec = _spec.loss(x_block, local, weight, -1, "none", 0.0, 0.0, class_axis, return_grad,
                       None, False, probabilities_allowed=False,
                       grad_loss=_block_grad_loss(target_block.shape, grad_loss, scale)
-                      if return_grad else None)
+                      if return_grad else None, loss_dtype=np.float64)
     results = base.for_block(x_block).nll_loss(spec)
     loss, *grad = results if return_grad else (results,)
     return (np.expand_dims(loss, class_axis), *grad)
@@ -364,11 +364,12 @@ def nll_loss(spec: _spec.Loss):
                                   *row_grad_loss(spec, x, rows), *graph.scalar_arg(scale),
                                   class_axis=class_axis,
                                   ignore_index=spec.ignore_index, return_grad=spec.want_grad)
-    shares = graph.result(results, 0, index, graph.block_meta(x, x.ndim, dtype),
+    shares = graph.result(results, 0, index, graph.block_meta(x, x.ndim, np.float64),
                           adjust_chunks={class_axis: 1})
     if spec.reduction == "none":
         loss = da.blockwise(_sum_over_classes_block, rows, shares, index, concatenate=True,
-                            meta=graph.block_meta(x, len(rows), dtype), class_axis=class_axis)
+                            meta=graph.block_meta(x, len(rows), np.float64),
+                            class_axis=class_axis).astype(dtype)
     else:
         loss = reduce_rows(shares, spec.reduction, denominator, dtype)
     if not spec.want_grad:
