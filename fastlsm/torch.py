@@ -314,6 +314,14 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Tensor
         The loss, of ``input``'s dtype and device: 0-d for ``mean``/``sum``.
 
+    Notes
+    -----
+    The backward scales the gradient the forward computed, in ``input``'s dtype, by the
+    upstream gradient.  For float16 and bfloat16 that rounds it a second time unless the
+    upstream gradient is 1 (for bfloat16, or a power of two, as a loss scaler's; float16's
+    small gradients are subnormal, so there not even then): up to one more ulp of the half
+    dtype.  :func:`fastlsm.cross_entropy` with ``grad_loss=`` rounds once.
+
     Examples
     --------
     >>> import torch, fastlsm.torch as ft
@@ -364,8 +372,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
 
     Notes
     -----
-    ``mean`` and ``sum`` compute the gradients in the forward.  ``none`` computes the loss in the
-    forward and everything again, gradients included, in the backward.
+    ``mean`` and ``sum`` compute the gradients in the forward, and the backward scales them by
+    the upstream gradient in their dtype: for float16 and bfloat16 a second rounding unless it
+    is 1 (see :func:`cross_entropy`).  ``none`` computes the loss in the
+    forward and everything again, gradients included (rounded once), in the backward.
 
     Examples
     --------

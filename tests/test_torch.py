@@ -478,3 +478,24 @@ def test_the_numpy_functions_name_a_tensor_that_requires_grad():
         fastlsm.cross_entropy(x.detach(), torch.tensor([0, 1, 2]), x[0])
     with pytest.raises(TypeError, match=r"^x could not be converted to an array"):
         fastlsm.log_softmax(x)
+
+
+@pytest.mark.parametrize("dtype, upstream", [(torch.float16, 1.0), (torch.bfloat16, 1.0),
+                                             (torch.bfloat16, 1024.0), (torch.bfloat16, 0.125)])
+def test_half_gradients_are_rounded_once_where_the_docstring_says(dtype, upstream, rng):
+    """For an upstream gradient of 1 (and, in bfloat16, a power of two) the gradient is
+    fastlsm.cross_entropy's with that grad_loss, which rounds once: what the docstring says."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    def as_numpy(t):
+        return (t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
+                else t.numpy())
+    for _ in range(20):
+        x = torch.tensor(rng.standard_normal((6, 5)) * 3).to(dtype)
+        t = torch.tensor(rng.integers(0, 5, 6))
+        ours = x.clone().requires_grad_()
+        ft.cross_entropy(ours, t, reduction="sum").backward(torch.tensor(upstream, dtype=dtype))
+        _, once = fastlsm.cross_entropy(as_numpy(x), t.numpy(), reduction="sum",
+                                        return_grad=True, grad_loss=upstream)
+        np.testing.assert_array_equal(as_numpy(ours.grad).astype(np.float64),
+                                      once.astype(np.float64))
