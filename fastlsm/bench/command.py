@@ -88,10 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(shape_str, cuda.DEFAULT_SHAPES))})")
     parser.add_argument("--dtype", type=_choices("dtype", ("float32", "float64")),
                         default=["float32"], help="float32, float64 or both (default: float32)")
-    parser.add_argument("--threads", type=_positive_int, help="threads for Numba and PyTorch, cpu only "
-                                                    "(default: all)")
-    parser.add_argument("--repeat", type=_positive_int, help="samples per measurement (default: adaptive, "
-                                                   "a time budget per measurement; cuda: 20)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="threads for Numba and PyTorch, cpu only (default: all)")
+    parser.add_argument("--repeat", type=_positive_int,
+                        help="samples per measurement (default: adaptive, a time budget per "
+                             "measurement; cuda: 20)")
     parser.add_argument("--budget", type=_seconds, default=cpu.Config.run_budget_s,
                         help="seconds the peers may take, split evenly between the cases: a peer "
                              "slower than 20 ms a call is timed once (after a warm-up call) where "
