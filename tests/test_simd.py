@@ -108,14 +108,19 @@ def test_log1p_special_values():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exp_summand_is_exp_down_to_the_smallest_normal_then_0(dtype, rng):
     floor = {np.float32: -87.0, np.float64: -708.0}[dtype]  # just above log(smallest normal)
-    x = np.concatenate([rng.uniform(floor, 0.0, 200_000), [0.0, -0.0, floor],
-                        rng.uniform(2 * floor, floor, 1000), [-1e30, -np.inf]]).astype(dtype)
+    zero = {np.float32: -88.0, np.float64: -709.0}[dtype]   # and from here down, 0
+    x = np.concatenate([rng.uniform(floor, 0.0, 200_000), [0.0, -0.0, floor, zero],
+                        rng.uniform(zero, floor, 1000), rng.uniform(2 * floor, zero, 1000),
+                        [-1e30, -np.inf]]).astype(dtype)
     got = exp_summand_all(x)
     exact = exp_all(x)
     above = x >= floor
     np.testing.assert_array_equal(got[above], exact[above])
-    # Below: 0 rather than a subnormal number, and exactly 0 for -inf.
-    assert np.all(got[~above] == 0)
+    # In between: at most exp(floor), about the smallest normal number; below: 0, and exactly 0
+    # for -inf.
+    between = (x < floor) & (x > zero)
+    assert np.all((got[between] >= 0) & (got[between] <= exact[x == floor][0]))
+    assert np.all(got[x <= zero] == 0)
     zero_and_nan = exp_summand_all(np.array([0.0, np.nan], dtype))
     assert zero_and_nan[0] == 1 and np.isnan(zero_and_nan[1])
 

@@ -25,7 +25,8 @@ _FLAGS = ("contract",)
 
 _FLOAT32 = dict(
     hi=89.0, lo=-104.0,                       # ln(FLT_MAX) = 88.72, ln(2**-150) = -103.97
-    lo_normal=-87.0,                          # ln(FLT_MIN) = -87.34
+    # The summand's clamp: round(-88 / ln 2) = -127, whose biased exponent is 0, so 2**n is +0.0.
+    lo_zero=-88.0,
     log2e=1.44269504088896341, magic=12582912.0,   # 1.5 * 2**23: adding it rounds to an integer
     ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,     # Cephes split: n * ln2_hi exact for |n| <= 2**15
     poly=(1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
@@ -33,7 +34,7 @@ _FLOAT32 = dict(
     int_type=ir.IntType(32), mantissa_bits=23, bias=127, magic_bits=0x4B400000)
 _FLOAT64 = dict(
     hi=710.0, lo=-746.0,                      # ln(DBL_MAX) = 709.78, ln(2**-1075) = -745.13
-    lo_normal=-708.0,                         # ln(DBL_MIN) = -708.40
+    lo_zero=-709.0,                           # round(-709 / ln 2) = -1023: 2**n is +0.0
     log2e=1.4426950408889634, magic=6755399441055744.0,  # 1.5 * 2**52
     ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10,  # fdlibm split
     # SLEEF's xexp coefficients: 2 multiply-adds fewer than a degree-13 Taylor series, ~5%
@@ -81,11 +82,10 @@ def _emit_exp(builder, x, p, summand=False):
     const, add, sub, mul = ops.const, ops.add, ops.sub, ops.mul
 
     # Clamp with ordered compares, which are false for nan: nan passes through.
-    lo = p["lo_normal"] if summand else p["lo"]
+    lo = p["lo_zero"] if summand else p["lo"]
     if not summand:
         x = builder.select(builder.fcmp_ordered(">", x, const(p["hi"]), flags=_FLAGS), const(p["hi"]), x)
-    below = builder.fcmp_ordered("<", x, const(lo), flags=_FLAGS)
-    x = builder.select(below, const(lo), x)
+    x = builder.select(builder.fcmp_ordered("<", x, const(lo), flags=_FLAGS), const(lo), x)
     t = add(mul(x, const(p["log2e"])), const(p["magic"]))   # n = round(x / ln2) sits in t's low bits
     n_float = sub(t, const(p["magic"]))
     r = sub(x, mul(n_float, const(p["ln2_hi"])))
@@ -100,9 +100,10 @@ def _emit_exp(builder, x, p, summand=False):
         return builder.bitcast(builder.shl(biased, ir.Constant(ity, p["mantissa_bits"])), fty)
 
     if summand:
-        # n >= -126 (-1022): 2**n is a normal number; below it the term is 0, so that an entry
-        # far under the max (-inf above all) adds exactly nothing to a row's excess.
-        return builder.select(below, const(0.0), mul(y, pow2(n)))
+        # n >= -127 (-1023): 2**n is a normal number, or at n = -127 the +0.0 of a zero exponent
+        # field, so that an entry far under the max (-inf above all) adds exactly nothing to a
+        # row's excess, at no instruction more than a clamp.
+        return mul(y, pow2(n))
     # 2**n as two factors 2**n1 * 2**n2, so results near overflow and underflow (subnormals)
     # stay exact in the exponent bits.
     n1 = builder.ashr(n, ir.Constant(ity, 1))
@@ -124,11 +125,11 @@ def exp(typingctx, x):
 @intrinsic
 def exp_summand(typingctx, x):
     """``exp(x)`` for ``x <= 0`` (or nan) as a term of a sum that is at least 1: as :func:`exp`,
-    but an ``x`` below ``log`` of the smallest normal number (~1e-38 in float32) gives 0 rather
-    than a subnormal: an error far below the sum's rounding, and a row's excess over its max
-    stays exactly 0 where every other entry is that far below it (``logsumexp([0, -inf])`` is
-    0, not 1e-308).  Without the overflow clamp and the two-factor ``2**n``, ~25% fewer
-    instructions."""
+    but ``x`` below about ``log`` of the smallest normal number (~1e-38 in float32) gives at
+    most that number and below -88 (-709) exactly 0, never a subnormal computed in steps: an
+    error far below the sum's rounding, and a row's excess over its max stays exactly 0 where
+    every other entry is that far below it (``logsumexp([0, -inf])`` is 0, not 1e-308).
+    Without the overflow clamp and the two-factor ``2**n``, ~25% fewer instructions."""
     params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
     if params is None:
         return None
