@@ -415,13 +415,13 @@ class Loss:
     return_lse: bool
     result_dtype: np.dtype
     compute_dtype: np.dtype
+    # The loss's dtype as returned: the result dtype, or float64 for a Dask block's per-row
+    # losses (and a chunk's), which are summed before the call rounds once.
+    loss_dtype: np.dtype
     # The caller's gradient w.r.t. the returned loss (``grad_loss``): a number for a reduced
     # loss, or per element (the row shape) for ``none``, where ``grad_scale`` stays 1.
     grad_scale: float = 1.0
     grad_loss: Argument | None = None
-    # The loss's dtype as returned: the result dtype, or float64 for a Dask block's per-row
-    # losses, which the graph sums before it rounds once, as one call does.
-    loss_dtype: np.dtype | None = None
 
     @property
     def n_classes(self) -> int:
@@ -557,8 +557,8 @@ def loss(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
                                  f"overwrite before it is read; pass a grad_out apart from {name}")
     return Loss(logits, class_axis, t, probabilities, w, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, want_grad, grad_out, bool(return_lse), dtype,
-                compute_dtype(dtype), grad_scale, grad_loss,
-                dtype if loss_dtype is None else np.dtype(loss_dtype))
+                compute_dtype(dtype), dtype if loss_dtype is None else np.dtype(loss_dtype),
+                grad_scale, grad_loss)
 
 
 def _without_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:

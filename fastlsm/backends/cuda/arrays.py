@@ -157,16 +157,19 @@ def handed_back(result, like: DeviceArray, dtype: np.dtype):
     return result
 
 
-def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray, source):
-    """The device view to write for a caller's ``out`` (checked by the spec): ``out``'s own, or
-    a buffer that :func:`deliver` copies into it: for a NumPy ``out`` of NumPy input, and for
-    an ``out`` over other elements of the input ``source``, whose rows, run in parallel, would
-    be overwritten before they are read (``out`` may be ``source`` itself)."""
+def out_view(out, shape: tuple[int, ...], dtype: np.dtype, like: DeviceArray,
+             source) -> tuple[Any, bool]:
+    """``(view, apart)``: the device view to write for a caller's ``out`` (checked by the spec),
+    and whether it is a buffer apart that :func:`deliver` copies into ``out``: for a NumPy
+    ``out`` of NumPy input, and for an ``out`` over other elements of the input ``source``,
+    whose rows, run in parallel, would be overwritten before they are read (``out`` may be
+    ``source`` itself, which costs no check)."""
     if like.library == "numpy":
-        return cuda().device_array(shape, device_dtype(dtype))
-    if _spec.shares_memory(out, source) and not _spec.same_device_elements(out, source):
-        return scratch(shape, device_dtype(dtype), like)
-    return _own_view(out)
+        return cuda().device_array(shape, device_dtype(dtype)), True
+    if (out is not source and _spec.shares_memory(out, source)
+            and not _spec.same_device_elements(out, source)):
+        return scratch(shape, device_dtype(dtype), like), True
+    return _own_view(out), False
 
 
 def _own_view(out):
@@ -175,11 +178,11 @@ def _own_view(out):
             else owner)
 
 
-def deliver(view, out, like: DeviceArray):
-    """Hand back the caller's ``out``, filled from ``view`` where that is a buffer of its own
+def deliver(view, apart: bool, out, like: DeviceArray):
+    """Hand back the caller's ``out``, filled from ``view`` where that is a buffer ``apart``
     (:func:`out_view`)."""
-    if like.library == "numpy":
+    if apart and like.library == "numpy":
         view.copy_to_host(out.view(view.dtype))
-    elif not _spec.same_device_elements(view, out):
+    elif apart:
         _own_view(out).copy_to_device(view)
     return out

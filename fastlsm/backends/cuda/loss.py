@@ -100,16 +100,18 @@ def class_indices(spec: _spec.Loss, weight, like: DeviceArray):
 
 
 def _grad_target(spec: _spec.Loss, rows: Rows, like: DeviceArray):
-    """``(result, dst, target)`` for the gradient, or Nones and a ``(0, 0)`` target."""
+    """``(result, dst, target, apart)`` for the gradient (``apart``: ``dst`` is a buffer apart
+    from ``grad_out``, :func:`.arrays.out_view`), or Nones and a ``(0, 0)`` target."""
     if not spec.want_grad:
-        return None, None, _nothing((0, 0), rows.matrix.dtype)
+        return None, None, _nothing((0, 0), rows.matrix.dtype), False
     shape = spec.input.shape
     if spec.grad_out is None:
-        result, dst = arrays.empty(shape, spec.result_dtype, like)
+        (result, dst), apart = arrays.empty(shape, spec.result_dtype, like), False
     else:
         result = spec.grad_out
-        dst = arrays.out_view(spec.grad_out, shape, spec.result_dtype, like, spec.input.data)
-    return result, dst, matrix_target(rows, dst)
+        dst, apart = arrays.out_view(spec.grad_out, shape, spec.result_dtype, like,
+                                     spec.input.data)
+    return result, dst, matrix_target(rows, dst), apart
 
 
 def _reduced(spec: _spec.Loss, per_row, denominator: float, like: DeviceArray):
@@ -135,10 +137,10 @@ def _finish(spec: _spec.Loss, rows: Rows, value, grad, lse):
     dtype = spec.result_dtype
     results = [arrays.handed_back(value, like, spec.loss_dtype)]
     if spec.want_grad:
-        result, dst, target = grad
+        result, dst, target, apart = grad
         unrows(rows, target, dst)
         results.append(arrays.handed_back(result, like, dtype) if spec.grad_out is None
-                       else arrays.deliver(dst, spec.grad_out, like))
+                       else arrays.deliver(dst, apart, spec.grad_out, like))
     if spec.return_lse:
         lse_result, dst = arrays.empty(spec.row_shape, spec.result_dtype, like)
         cast_into(lse, dst)

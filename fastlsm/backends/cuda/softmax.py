@@ -22,15 +22,16 @@ def _partials(kernels: RowKernels, n_rows: int, n_segments: int, like: DeviceArr
 
 
 def _result(spec: _spec.Rowwise, like: DeviceArray):
-    """``(result, view)``: what the caller gets (``out``, or a new array) and its device view."""
+    """``(result, view, apart)``: what the caller gets (``out``, or a new array), the device
+    view to write, and whether that is a buffer apart from ``out`` (:func:`.arrays.out_view`)."""
     if spec.out is None:
-        return arrays.empty(spec.shape, spec.result_dtype, like)
-    return spec.out, arrays.out_view(spec.out, spec.shape, spec.result_dtype, like, spec.x.data)
+        return *arrays.empty(spec.shape, spec.result_dtype, like), False
+    return spec.out, *arrays.out_view(spec.out, spec.shape, spec.result_dtype, like, spec.x.data)
 
 
-def _returned(spec: _spec.Rowwise, result, view, like: DeviceArray):
+def _returned(spec: _spec.Rowwise, result, view, apart: bool, like: DeviceArray):
     if spec.out is not None:
-        return arrays.deliver(view, spec.out, like)
+        return arrays.deliver(view, apart, spec.out, like)
     return arrays.handed_back(result, like, spec.result_dtype)
 
 
@@ -38,7 +39,7 @@ def elementwise(kernels: RowKernels, spec: _spec.Rowwise):
     """log_softmax or softmax (``kernels``) of ``spec.x`` into a result of its shape."""
     array = arrays.on_device(spec.x)
     rows = to_rows(array, spec.axes, spec.compute_dtype)
-    result, dst = _result(spec, array)
+    result, dst, apart = _result(spec, array)
     target = matrix_target(rows, dst)
     matrix = rows.matrix
     n_rows, n_classes = matrix.shape
@@ -50,13 +51,13 @@ def elementwise(kernels: RowKernels, spec: _spec.Rowwise):
         launch_segments(kernels.segment_stats, n_classes, n_segments, matrix, partials)
         launch_segments(kernels.segments, n_classes, n_segments, matrix, partials, target)
     unrows(rows, target, dst)
-    return _returned(spec, result, dst, array)
+    return _returned(spec, result, dst, apart, array)
 
 
 def logsumexp(spec: _spec.Rowwise):
     array = arrays.on_device(spec.x)
     rows = to_rows(array, spec.axes, spec.compute_dtype)
-    result, dst = _result(spec, array)
+    result, dst, apart = _result(spec, array)
     matrix = rows.matrix
     n_rows, n_classes = matrix.shape
     lse = (dst.reshape(n_rows) if dst.dtype == matrix.dtype
@@ -71,7 +72,7 @@ def logsumexp(spec: _spec.Rowwise):
                       lse)
     if dst.dtype != lse.dtype:
         cast_into(lse, dst)
-    return _returned(spec, result, dst, array)
+    return _returned(spec, result, dst, apart, array)
 
 
 def backward_pass(kernels: RowKernels, spec: _spec.Backward):
