@@ -305,13 +305,19 @@ def test_peak_memory_is_a_chunk_not_the_logits(rng, weight_gradient_sum):
     chunk = 1 << 20
     fastlsm.linear_cross_entropy(x, w, target, linear_bias=b, return_grad=True,
                                  chunk_bytes=chunk)  # compiled, warm
-    tracemalloc.start()
-    try:
-        result = fastlsm.linear_cross_entropy(x, w, target, linear_bias=b, return_grad=True,
-                                              chunk_bytes=chunk)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    # tracemalloc counts every thread's allocations: in a whole run of the suite other threads
+    # (a Dask cluster's, say) may allocate during a call, once 95 kB over the bound below.  The
+    # least of three calls' peaks is the call's own.
+    peaks = []
+    for _ in range(3):
+        tracemalloc.start()
+        try:
+            result = fastlsm.linear_cross_entropy(x, w, target, linear_bias=b, return_grad=True,
+                                                  chunk_bytes=chunk)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    peak = min(peaks)
     returned = sum(a.nbytes for a in result[1:])
     logits = 4096 * 2000 * 4
     # The chunk, the weight gradient's share (without SciPy), and per-row and per-class vectors
