@@ -2,10 +2,11 @@
 
 With ``r`` the sum of ``exp(x_j - m)`` over every entry but one equal to the max ``m``,
 ``logsumexp = m + log1p(r)``, the dominant entry's log-probability is ``-log1p(r)`` and the
-cross-entropy of a row whose target is that entry is ``log1p(r)``: all of them tiny, and each
-must keep its *relative* precision (``logsumexp([0, -40])`` is 4.25e-18, not 0).  References are
-computed in long double from the very values the kernels read, so the bound is the kernels'
-own error: a few ulp of the sum of the small terms.
+cross-entropy of a row whose target is that entry is ``log1p(r)``, its gradient there
+``p_t - 1 = -r / (1 + r)``: all of them tiny, and each must keep its *relative* precision
+(``logsumexp([0, -40])`` is 4.25e-18, not 0).  References are computed in long double from the
+very values the kernels read, so the bound is the kernels' own error: a few ulp of the sum of the
+small terms.
 
 Every kernel path is reached: one row and many, short rows (the tiled kernels, up to 32
 classes), long rows of several L1 blocks (more than 2048 classes, the dominant entry in any
@@ -63,9 +64,14 @@ def check_dominated(on, x, dtype, axis=-1):
     check_relative(on.result(fastlsm.log_softmax(on.array(x), axis=axis)),
                    x.astype(LD) - lse, dtype, "log_softmax")
     target = np.argmax(x, axis=axis)
-    loss = on.result(fastlsm.cross_entropy(on.array(x), on.array(target), axis=axis,
-                                           reduction="none"))
+    loss, grad = on.result(fastlsm.cross_entropy(on.array(x), on.array(target), axis=axis,
+                                                 reduction="none", return_grad=True))
     check_relative(loss, np.squeeze(np.log1p(r), axis), dtype, "cross_entropy")
+    # The dominant target's gradient, p_t - 1 = -r / (1 + r), tiny and relatively exact too;
+    # every other class's is p_j.
+    expected = np.exp(x.astype(LD) - m) / (1 + r)
+    np.put_along_axis(expected, np.expand_dims(target, axis), -r / (1 + r), axis=axis)
+    check_relative(grad, expected, dtype, "cross_entropy gradient")
 
 
 # Short rows (tiled), rows in one L1 block, rows of several blocks with the dominant entry in the
@@ -196,13 +202,16 @@ def test_rows_split_across_dask_chunks(dtype, n_classes, chunk, rng):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_confident_right_answer_with_options(on, dtype, rng):
-    """The loss of a dominant target stays relatively exact with weights and the mean."""
+    """The loss of a dominant target and its gradient stay relatively exact with weights and
+    the mean."""
     positions = np.array([1, 4, 7])
     x = dominated(3, 8, dtype, GAPS[dtype][1], positions, rng)
     weight = np.linspace(0.5, 2.0, 8).astype(dtype)
     r, _ = small_sum(x)
     w_t = weight[positions].astype(LD)
     expected = (w_t * np.log1p(r[:, 0])).sum() / w_t.sum()
-    got = on.result(fastlsm.cross_entropy(on.array(x), on.array(positions),
-                                          weight=on.array(weight)))
+    got, grad = on.result(fastlsm.cross_entropy(on.array(x), on.array(positions),
+                                                weight=on.array(weight), return_grad=True))
     check_relative(got, expected, dtype, "cross_entropy mean")
+    check_relative(grad[np.arange(3), positions], -w_t / w_t.sum() * r[:, 0] / (1 + r[:, 0]),
+                   dtype, "cross_entropy mean gradient")

@@ -24,7 +24,8 @@ from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, res
                                                 task_tiles, tile_bounds, tile_scratch,
                                                 tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
-from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
+from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
+                                       dominant_target_gradient, finite_or_zero,
                                        probability_gradient, probability_loss, row_scale,
                                        smoothed_weight, soft_cap_slope, soft_capped)
 
@@ -99,6 +100,19 @@ def write_softmax_grad(row, dst, shift, e, p_coef, weight, w_coef):
 
 
 @njit(inline="always")
+def subtract_target_term(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t):
+    """The target's term of a class-index gradient ``dst`` (written as ``p_j * p_coef -
+    w_j * w_coef``): ``dst[t] -= t_coef``, or, for a target logit ``x_t`` equal to the row's max
+    ``m``, the whole value computed once in float64
+    (:func:`~fastlsm.backends.formulas.dominant_target_gradient`)."""
+    kind = dst.dtype.type
+    if x_t == m:
+        dst[t] = kind(dominant_target_gradient(p_coef, w_coef, t_coef, w_t, e))
+    else:
+        dst[t] -= kind(t_coef)
+
+
+@njit(inline="always")
 def write_probability_grad(row, y, dst, shift, e, p_coef, weight, smoothing, n_classes, scale):
     """``dst[j] = p_j * p_coef - scale * w_j * y'_j`` with ``p = exp(row - shift) / s``,
     ``s = 1 + e``."""
@@ -147,7 +161,7 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, e, log_s, stored_maxima, exps_s
             rescale_stored_exps(dst, stored_maxima, m, p_coef / (1.0 + e))
         else:
             write_softmax_grad(row, dst, m, e, p_coef, weight, w_coef)
-        dst[t] -= row.dtype.type(t_coef)
+        subtract_target_term(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t)
 
 
 @njit(inline="always")

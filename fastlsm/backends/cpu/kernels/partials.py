@@ -26,7 +26,8 @@ from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.loss import (row_smoothed_sums, row_weighted_sum,
-                                               write_probability_grad, write_softmax_grad)
+                                               subtract_target_term, write_probability_grad,
+                                               write_softmax_grad)
 from fastlsm.backends.cpu.kernels.softmax import write_log_softmax
 from fastlsm.backends.cpu.kernels.stats import (row_dot, row_max_and_excess, row_sum,
                                                 task_tiles, tile_bounds, tile_scratch,
@@ -315,10 +316,12 @@ def cross_entropy_grad_finish_rows(x, target, first_class, weight, ignore_index,
         p_coef, w_coef, t_coef = class_index_gradient(stats[i, 4], smoothing, n_classes,
                                                       total_weight, z_loss, stats[i, 1],
                                                       row_scale(scale, row_scales, i))
-        write_softmax_grad(row, dst, m, stats[i, 3], p_coef, weight, w_coef)
         local = t - first_class
+        x_t = row[local] if 0 <= local < row.shape[0] else row.dtype.type(0.0)  # grad may be x
+        write_softmax_grad(row, dst, m, stats[i, 3], p_coef, weight, w_coef)
         if 0 <= local < row.shape[0]:
-            dst[local] -= dst.dtype.type(t_coef)
+            subtract_target_term(dst, local, x_t, m, stats[i, 3], p_coef, w_coef, t_coef,
+                                 stats[i, 4])
 
 
 @rowwise

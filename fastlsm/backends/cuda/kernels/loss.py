@@ -18,9 +18,10 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
                                                       row_group, row_in_range, row_stats,
                                                       soft_cap, soft_capped_gradient,
                                                       tail_chunks)
-from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
-                                       log_sum, probability_gradient, probability_loss,
-                                       reshifted, smoothed_weight)
+from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
+                                       dominant_target_gradient, finite_or_zero, log_sum,
+                                       probability_gradient, probability_loss, reshifted,
+                                       smoothed_weight)
 
 
 @cuda.jit(device=True)
@@ -46,9 +47,12 @@ def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_row
 
 
 @cuda.jit(device=True)
-def class_grad(x_j, w_j, is_target, shift, a, b, target_term, smoothed):
+def class_grad(x_j, w_j, is_target, shift, a, b, target_term, dominant, smoothed):
     """The class-index loss's gradient at one class: ``p * a``, less ``w_j * b`` with label
-    smoothing, less ``target_term`` at the target."""
+    smoothing, less ``target_term`` at the target; ``dominant`` at a target equal to the row's
+    max (:func:`~fastlsm.backends.formulas.dominant_target_gradient`)."""
+    if is_target and x_j == shift:
+        return dominant
     g = math.exp(x_j - shift) * a
     if smoothed:
         g -= w_j * b
@@ -92,6 +96,7 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted,
     a = x.dtype.type(p_coef / (1.0 + e))
     b = x.dtype.type(w_coef)
     target_term = x.dtype.type(t_coef)
+    dominant = x.dtype.type(dominant_target_gradient(p_coef, w_coef, t_coef, w_t, e))
     smoothed = smoothing > 0.0  # only then does the gradient read the weights
     kind = x.dtype.type
     mine, my_weights, count = grad[row, start:], weight[start:], n - start
@@ -102,13 +107,14 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted,
             if j < count:
                 mine[j] = soft_capped_gradient(
                     class_grad(cached[k], my_weights[j], j == target_at, shift, a, b,
-                               target_term, True), cached[k], softcap, kind)
+                               target_term, dominant, True), cached[k], softcap, kind)
     else:
         for k in range(VALUES):
             j = k * size
             if j < count:
                 mine[j] = soft_capped_gradient(
-                    class_grad(cached[k], 0, j == target_at, shift, a, b, target_term, False),
+                    class_grad(cached[k], 0, j == target_at, shift, a, b, target_term,
+                               dominant, False),
                     cached[k], softcap, kind)
     w = cuda.local.array(UNROLL, weight.dtype)
     first = start + VALUES * size
@@ -122,7 +128,8 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted,
             ju = j + u * size
             if ju < n:
                 grad[row, ju] = soft_capped_gradient(
-                    class_grad(chunk[u], w[u], ju == t, shift, a, b, target_term, smoothed),
+                    class_grad(chunk[u], w[u], ju == t, shift, a, b, target_term, dominant,
+                               smoothed),
                     chunk[u], softcap, kind)
 
 
