@@ -72,6 +72,12 @@ def check_dominated(on, x, dtype, axis=-1):
     expected = np.exp(x.astype(LD) - m) / (1 + r)
     np.put_along_axis(expected, np.expand_dims(target, axis), -r / (1 + r), axis=axis)
     check_relative(grad, expected, dtype, "cross_entropy gradient")
+    one_hot = np.zeros_like(x)
+    np.put_along_axis(one_hot, np.expand_dims(target, axis), 1.0, axis=axis)
+    loss, grad = on.result(fastlsm.cross_entropy(on.array(x), on.array(one_hot), axis=axis,
+                                                 reduction="none", return_grad=True))
+    check_relative(loss, np.squeeze(np.log1p(r), axis), dtype, "cross_entropy, probabilities")
+    check_relative(grad, expected, dtype, "cross_entropy gradient, probabilities")
 
 
 # Short rows (tiled), rows in one L1 block, rows of several blocks with the dominant entry in the

@@ -25,8 +25,7 @@ from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, res
                                                 tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
-                                       dominant_target_gradient, finite_or_zero,
-                                       probability_gradient, probability_loss, row_scale,
+                                       finite_or_zero, gradient_at_max, probability_gradient, probability_loss, row_scale,
                                        smoothed_weight, soft_cap_slope, soft_capped)
 
 
@@ -104,25 +103,41 @@ def subtract_target_term(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t):
     """The target's term of a class-index gradient ``dst`` (written as ``p_j * p_coef -
     w_j * w_coef``): ``dst[t] -= t_coef``, or, for a target logit ``x_t`` equal to the row's max
     ``m``, the whole value computed once in float64
-    (:func:`~fastlsm.backends.formulas.dominant_target_gradient`)."""
+    (:func:`~fastlsm.backends.formulas.gradient_at_max`)."""
     kind = dst.dtype.type
     if x_t == m:
-        dst[t] = kind(dominant_target_gradient(p_coef, w_coef, t_coef, w_t, e))
+        dst[t] = kind(gradient_at_max(p_coef, t_coef, e) - w_coef * w_t)
     else:
         dst[t] -= kind(t_coef)
 
 
 @njit(inline="always")
+def max_position(row, m):
+    """The first ``j`` with ``row[j] == m``, -1 if none."""
+    for j in range(row.shape[0]):
+        if row[j] == m:
+            return j
+    return -1
+
+
+@njit(inline="always")
 def write_probability_grad(row, y, dst, shift, e, p_coef, weight, smoothing, n_classes, scale):
     """``dst[j] = p_j * p_coef - scale * w_j * y'_j`` with ``p = exp(row - shift) / s``,
-    ``s = 1 + e``."""
+    ``s = 1 + e``; at the max of a dominated row (``e < 1``, so one entry holds it) computed
+    once in float64 (:func:`~fastlsm.backends.formulas.gradient_at_max`).  ``row`` may be a
+    block of the row, which need not hold its max."""
     keep = row.dtype.type(1.0 - smoothing)
     spread = row.dtype.type(smoothing / n_classes)
     c_shift = row.dtype.type(shift)
+    # Found before the loop writes dst, which may be the row itself; other rows pay nothing.
+    at = max_position(row, c_shift) if e < 1.0 else -1
     a = row.dtype.type(p_coef / (1.0 + e))
     b = row.dtype.type(scale)
     for j in range(row.shape[0]):
         dst[j] = exp(row[j] - c_shift) * a - smoothed_weight(weight[j], y[j], keep, spread) * b
+    if at >= 0:
+        c = scale * smoothed_weight(weight[at], y[at], keep, spread)
+        dst[at] = row.dtype.type(gradient_at_max(p_coef, c, e))
 
 
 @njit(inline="always")

@@ -19,7 +19,7 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
                                                       soft_cap, soft_capped_gradient,
                                                       tail_chunks)
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
-                                       dominant_target_gradient, finite_or_zero, log_sum,
+                                       finite_or_zero, gradient_at_max, log_sum,
                                        probability_gradient, probability_loss, reshifted,
                                        smoothed_weight)
 
@@ -50,7 +50,7 @@ def weighted_shifted_sum(x, row, start, n, size, cached, weight, shift, warp_row
 def class_grad(x_j, w_j, is_target, shift, a, b, target_term, dominant, smoothed):
     """The class-index loss's gradient at one class: ``p * a``, less ``w_j * b`` with label
     smoothing, less ``target_term`` at the target; ``dominant`` at a target equal to the row's
-    max (:func:`~fastlsm.backends.formulas.dominant_target_gradient`)."""
+    max (:func:`~fastlsm.backends.formulas.gradient_at_max`)."""
     if is_target and x_j == shift:
         return dominant
     g = math.exp(x_j - shift) * a
@@ -96,7 +96,7 @@ def finish_cross_entropy(x, row, start, n, size, leader, cached, m, e, weighted,
     a = x.dtype.type(p_coef / (1.0 + e))
     b = x.dtype.type(w_coef)
     target_term = x.dtype.type(t_coef)
-    dominant = x.dtype.type(dominant_target_gradient(p_coef, w_coef, t_coef, w_t, e))
+    dominant = x.dtype.type(gradient_at_max(p_coef, t_coef, e) - w_coef * w_t)
     smoothed = smoothing > 0.0  # only then does the gradient read the weights
     kind = x.dtype.type
     mine, my_weights, count = grad[row, start:], weight[start:], n - start
@@ -263,14 +263,20 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
     shift = kind(m)
     keep = kind(1.0 - smoothing)
     spread = kind(smoothing / x.shape[1])
-    a = kind(probability_gradient(wy_sum, z_loss, row_lse, scale) / (1.0 + e))
+    p_coef = probability_gradient(wy_sum, z_loss, row_lse, scale)
+    a = kind(p_coef / (1.0 + e))
     b = kind(scale)
     mine, my_weights, my_y, count = grad[row, start:], weight[start:], y[row, start:], n - start
     capped = cuda.local.array(VALUES, x.dtype)  # the capped logits, for the slope: soft cap only
     if softcap is not None:
         for k in range(VALUES):
             capped[k] = cached[k]
+    # The column of this thread's entry that holds the max of a dominated row (e < 1: one
+    # entry does), if it has it: its gradient is written again below, from gradient_at_max.
+    at_max = -1
     for k in range(VALUES):  # two loops: one would be too long to unroll whole in float64
+        if cached[k] == shift and k * size < count:
+            at_max = start + k * size
         cached[k] = math.exp(cached[k] - shift) * a
     for k in range(VALUES):  # a load before each store: see primitives' "the losses' cached part"
         j = k * size
@@ -289,9 +295,15 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
         load_chunk(y[row], j, n, size, p, 0)
         for u in range(UNROLL):
             if j + u * size < n:
+                if chunk[u] == shift:
+                    at_max = j + u * size
                 grad[row, j + u * size] = soft_capped_gradient(
                     math.exp(chunk[u] - shift) * a - smoothed_weight(w[u], p[u], keep, spread) * b,
                     chunk[u], softcap, kind)
+    if at_max >= 0 and e < 1.0:
+        c = scale * smoothed_weight(weight[at_max], y[row, at_max], keep, spread)
+        grad[row, at_max] = soft_capped_gradient(kind(gradient_at_max(p_coef, c, e)), shift,
+                                                 softcap, kind)
 
 
 @cuda.jit(cache=True)
