@@ -97,6 +97,16 @@ def test_outputs_it_cannot_write_are_refused_before_the_run(tmp_path, monkeypatc
             bench.main(argv)
 
 
+def test_dask_refuses_the_options_it_would_ignore(monkeypatch):
+    monkeypatch.setattr(command.cluster, "run", lambda *a, **k: pytest.fail("the run started"))
+    for extra, named in ((["--ops", "softmax"], "--ops"), (["--device", "cuda"], "--device cuda"),
+                         (["--threads", "1"], "--threads"), (["--budget", "5"], "--budget"),
+                         (["--shapes", "8x10,4x10"], "a second --shapes entry"),
+                         (["--dtype", "float32,float64"], "a second --dtype")):
+        with pytest.raises(SystemExit, match=f"it does not take {named}$"):
+            bench.main(["--dask", *extra])
+
+
 def test_python_m_fastlsm_bench():
     done = subprocess.run([sys.executable, "-m", "fastlsm.bench", "--help"], capture_output=True,
                           text=True, timeout=60)

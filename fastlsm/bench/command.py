@@ -105,8 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask", action="store_true",
                         help="instead: cross_entropy with its classes split over Dask chunks, on "
                              "a dask.distributed LocalCluster of 2 worker processes, beside "
-                             "fastlsm in one process and plain dask.array (first --shapes entry, "
-                             "default 4096x32000; needs the dask extra)")
+                             "fastlsm in one process and plain dask.array (one --shapes entry, "
+                             "default 4096x32000, one --dtype, and --repeat; needs the dask "
+                             "extra)")
 
 
 def run_args(args: argparse.Namespace) -> int:
@@ -114,6 +115,8 @@ def run_args(args: argparse.Namespace) -> int:
     ``--device cuda`` (:func:`fastlsm.bench.cuda.run_args`) or ``--dask``
     (:func:`fastlsm.bench.cluster.run`); the exit status."""
     _check_outputs(args)
+    if args.dask:
+        _check_dask(args)
     if LINEAR in args.ops:
         if args.ops != [LINEAR] or args.device != "cpu" or args.dask:
             raise SystemExit(f"fastlsm bench: --ops {LINEAR} runs alone, on the CPU")
@@ -127,6 +130,21 @@ def run_args(args: argparse.Namespace) -> int:
         print(cluster.run(shape, dtype=args.dtype[0], repeat=args.repeat or 3))
         return 0
     return cpu.run_args(args)
+
+
+def _check_dask(args: argparse.Namespace) -> None:
+    """``--dask`` times one case (cross_entropy with and without its gradient, at one shape and
+    dtype, ``--repeat`` times): the options it would not honour are refused, not ignored."""
+    ignored = [flag for flag, given in (
+        ("--ops", args.ops != list(DEFAULT_OPS)),
+        ("--device cuda", args.device != "cpu"),
+        ("--threads", args.threads is not None),
+        ("--budget", args.budget != cpu.Config.run_budget_s),
+        ("a second --shapes entry", args.shapes is not None and len(args.shapes) > 1),
+        ("a second --dtype", len(args.dtype) > 1)) if given]
+    if ignored:
+        raise SystemExit(f"fastlsm bench: --dask times cross_entropy at one shape and dtype; "
+                         f"it does not take {', '.join(ignored)}")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
