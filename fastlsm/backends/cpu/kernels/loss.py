@@ -24,9 +24,9 @@ from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, res
                                                 task_tiles, tile_bounds, tile_scratch,
                                                 tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
-from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
-                                       finite_or_zero, gradient_at_max, probability_gradient, probability_loss, row_scale,
-                                       smoothed_weight, soft_cap_slope, soft_capped)
+from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
+                                       gradient_at_max, probability_gradient, probability_loss,
+                                       row_scale, smoothed_weight, soft_cap_slope, soft_capped)
 
 
 @njit(cache=True, nogil=True)
@@ -99,10 +99,10 @@ def write_softmax_grad(row, dst, shift, e, p_coef, weight, w_coef):
 
 
 @njit(inline="always")
-def subtract_target_term(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t):
+def write_target_gradient(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t):
     """The target's term of a class-index gradient ``dst`` (written as ``p_j * p_coef -
-    w_j * w_coef``): ``dst[t] -= t_coef``, or, for a target logit ``x_t`` equal to the row's max
-    ``m``, the whole value computed once in float64
+    w_j * w_coef``): ``dst[t] -= t_coef``; or, for a target logit ``x_t`` equal to the row's max
+    ``m``, ``dst[t]`` written anew, computed once in float64
     (:func:`~fastlsm.backends.formulas.gradient_at_max`)."""
     kind = dst.dtype.type
     if x_t == m:
@@ -176,7 +176,7 @@ def _finish_cross_entropy_row(i, row, x_t, t, m, e, log_s, stored_maxima, exps_s
             rescale_stored_exps(dst, stored_maxima, m, p_coef / (1.0 + e))
         else:
             write_softmax_grad(row, dst, m, e, p_coef, weight, w_coef)
-        subtract_target_term(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t)
+        write_target_gradient(dst, t, x_t, m, e, p_coef, w_coef, t_coef, w_t)
 
 
 @njit(inline="always")

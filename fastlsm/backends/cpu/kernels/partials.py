@@ -26,8 +26,8 @@ from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.loss import (row_smoothed_sums, row_weighted_sum,
-                                               subtract_target_term, write_probability_grad,
-                                               write_softmax_grad)
+                                               write_probability_grad, write_softmax_grad,
+                                               write_target_gradient)
 from fastlsm.backends.cpu.kernels.softmax import write_log_softmax
 from fastlsm.backends.cpu.kernels.stats import (row_dot, row_max_and_excess, row_sum,
                                                 task_tiles, tile_bounds, tile_scratch,
@@ -320,7 +320,7 @@ def cross_entropy_grad_finish_rows(x, target, first_class, weight, ignore_index,
         x_t = row[local] if 0 <= local < row.shape[0] else row.dtype.type(0.0)  # grad may be x
         write_softmax_grad(row, dst, m, stats[i, 3], p_coef, weight, w_coef)
         if 0 <= local < row.shape[0]:
-            subtract_target_term(dst, local, x_t, m, stats[i, 3], p_coef, w_coef, t_coef,
+            write_target_gradient(dst, local, x_t, m, stats[i, 3], p_coef, w_coef, t_coef,
                                  stats[i, 4])
 
 
