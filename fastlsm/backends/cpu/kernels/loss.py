@@ -20,7 +20,8 @@ from numba import njit, prange
 
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, rescale_stored_exps,
-                                                row_log_sum, row_log_sum_exp, row_stats,
+                                                row_log_sum, row_log_sum_exp,
+                                                row_max_and_excess, row_stats,
                                                 task_tiles, tile_bounds, tile_scratch,
                                                 tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
@@ -231,7 +232,8 @@ def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoot
     if store_exps:
         m, e = row_stats(row, contiguous_row(grad, i), maxima)
     else:
-        m, e = row_stats(row, row[:0], row[:0])
+        # Not row_stats with nothing to store: its one-block path costs ~30 ns a row more.
+        m, e = row_max_and_excess(row)
     _finish_cross_entropy_row(i, row, x_t, target[i], m, e, row_log_sum(e), maxima, store_exps,
                               weight, total_weight, ignore_index, smoothing, z_loss,
                               row_scale(scale, row_scales, i), loss, lse, grad)
