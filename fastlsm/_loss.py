@@ -40,7 +40,8 @@ def cross_entropy(input: ArrayLike, target: ArrayLike, weight: ArrayLike | None 
         denominator.  Must be negative with probability targets.
     reduction : {'mean', 'sum', 'none'}, optional
         ``mean`` divides by the sum of ``weight[target]`` over kept elements (by the number of
-        rows with probability targets); all ignored gives nan.  Where that sum is 0 with label
+        rows with probability targets); all ignored, or an empty input, gives nan (rows of
+        no classes have a loss of 0, an empty sum, as in PyTorch).  Where that sum is 0 with label
         smoothing, the smoothed sum is divided as a whole (``inf`` or nan); PyTorch divides its
         two terms apart, so it may give nan where fastlsm gives ``inf``.
     label_smoothing : float, optional

@@ -436,6 +436,13 @@ class Loss:
     def n_rows(self) -> int:
         return math.prod(self.row_shape)
 
+    @property
+    def probability_rows(self) -> float:
+        """The ``mean`` denominator of probability targets: the number of rows (PyTorch's
+        ``numel / C``), nan for an empty input, whose ``mean`` PyTorch fills with nan even where
+        its rows have no classes and a ``sum`` of them is 0."""
+        return float(self.n_rows) if math.prod(self.input.shape) else math.nan
+
 
 def _options(ignore_index, reduction, label_smoothing, z_loss,
              softcap) -> tuple[int, float, float, float]:

@@ -38,7 +38,7 @@ def to_rows(x, axis):
     """``x`` (float64) with its class axis moved last and flattened to ``(rows, C)``; the moved shape."""
     x = np.asarray(x, dtype=np.float64)
     moved = np.moveaxis(x, class_axis(x.ndim, axis), -1)
-    return moved.reshape(-1, moved.shape[-1]), moved.shape
+    return moved.reshape(int(np.prod(moved.shape[:-1])), moved.shape[-1]), moved.shape
 
 
 def from_rows(g, moved_shape, ndim, axis):
@@ -104,14 +104,14 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     with np.errstate(all="ignore"):
         if target.shape == x.shape:  # class probabilities
             y, _ = to_rows(target, axis)
-            if eps > 0:
+            if eps > 0 and n_classes:  # no classes: nothing to smooth
                 y = y * (1.0 - eps) + eps / n_classes
             per_row = -np.sum(w * y * logp, axis=1)
             if z_loss > 0:
                 per_row = per_row + z_loss * lse ** 2
             wy = np.sum(w * y, axis=1)
             grad = wy[:, None] * p - w * y + 2.0 * z_loss * lse[:, None] * p
-            denominator = n_rows
+            denominator = n_rows if x.size else np.nan  # PyTorch: an empty input's mean is nan
             out_shape = moved_shape[:-1]
             keep = np.ones(n_rows, dtype=bool)
         else:  # class indices

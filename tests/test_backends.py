@@ -120,6 +120,18 @@ def test_cross_entropy(on, name, rng):
         check_lse(lse, exp_lse, scales, case.row_shape, F32, f"{what} lse")
 
 
+def test_cross_entropy_of_rows_without_classes(on):
+    # As PyTorch: each row's loss is the empty sum -sum_c y_c logp_c (not 0 * -inf), and the mean
+    # of an empty input is nan.
+    x = on.array(np.zeros((3, 0), F32))
+    y = on.array(np.zeros((3, 0), F32))
+    loss, grad = on.result(fastlsm.cross_entropy(x, y, reduction="none", return_grad=True))
+    np.testing.assert_array_equal(loss, np.zeros(3, F32))
+    assert grad.shape == (3, 0)
+    assert on.result(fastlsm.cross_entropy(x, y, reduction="sum", label_smoothing=0.1)) == 0
+    assert np.isnan(on.result(fastlsm.cross_entropy(x, y)))
+
+
 # The CUDA simulator runs a thread per CUDA thread (~10 s a case): on CUDA the soft cap runs on
 # class indices, probabilities and 3-D input, one reduction each (its launch modes, streamed
 # and split rows: test_cuda).

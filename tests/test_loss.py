@@ -166,7 +166,7 @@ def error_scales(case, reduction, label_smoothing=0.0, z_loss=0.0, nll=False, lo
         p = np.where(np.isfinite(p), p, 0.0)
         if case.probs:
             y, _ = ref.to_rows(target, axis)
-            if eps > 0:
+            if eps > 0 and n_classes:  # no classes: nothing to smooth
                 y = y * (1 - eps) + eps / n_classes
             a = np.abs(w * y)
             keep = np.ones(n_rows, bool)
@@ -948,7 +948,8 @@ def test_label_smoothing_not_above_zero_is_none(eps, rng):
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("shape, kind", [((0, 5), "indices"), ((0, 5, 3), "indices"),
                                          ((2, 5, 0), "indices"), ((0, 5), "probs"),
-                                         ((3, 5, 0), "probs")])
+                                         ((3, 5, 0), "probs"), ((3, 0), "probs"),
+                                         ((2, 0, 4), "probs")])
 def test_empty(source, shape, kind, dtype, rng):
     x = np.empty(shape, dtype)
     row_shape = (shape[0],) + shape[2:]
@@ -959,6 +960,7 @@ def test_empty(source, shape, kind, dtype, rng):
     assert fastlsm.cross_entropy(x, target, reduction="sum") == 0
     none = fastlsm.cross_entropy(x, target, reduction="none")
     assert none.shape == row_shape and none.dtype == dtype
+    np.testing.assert_array_equal(none, 0)  # rows of no classes: an empty sum, as PyTorch's
     if kind == "indices":
         run_nll(case, SOURCES[source][1])
 

@@ -151,10 +151,25 @@ def smoothed_weight(w, y, keep, spread):
 
 
 @njit(inline="always")
+def undefined_probability_row(m, n_classes):
+    """Whether a row's probability-target loss and gradient are nan: where its max ``m`` is not
+    finite (a ``+inf``, a nan or nothing but ``-inf``), PyTorch's log-probabilities are nan.
+    A row of no classes has max ``-inf`` too, but its loss is an empty sum."""
+    return n_classes > 0 and not math.isfinite(m)
+
+
+@njit(inline="always")
 def probability_loss(wy_sum, wyx_sum, log_s, z_loss, lse):
     """A row's probability-target loss, ``-sum_c w_c y'_c logp_c + z lse**2``, from
-    ``wy_sum = sum_c w_c y'_c`` and ``wyx_sum = sum_c w_c y'_c (x_c - m)``."""
-    return wy_sum * log_s - wyx_sum + z_loss * lse * lse
+    ``wy_sum = sum_c w_c y'_c`` and ``wyx_sum = sum_c w_c y'_c (x_c - m)``.
+
+    A row without target mass takes no ``log_s`` term, nor one without z-loss an ``lse`` term:
+    the empty row of ``C = 0`` has ``log_s = lse = -inf``, and its loss is PyTorch's ``-sum``
+    of nothing, -0.0, not ``0 * -inf``."""
+    loss = -(wyx_sum - (wy_sum * log_s if wy_sum != 0.0 else 0.0))
+    if z_loss > 0.0:
+        loss += z_loss * lse * lse
+    return loss
 
 
 @njit(inline="always")

@@ -133,7 +133,7 @@ def cross_entropy(spec: _spec.Loss):
     lse = np.empty(n_rows if spec.return_lse else 0)
     softcap = spec.softcap or None  # None compiles the kernels without the cap's branch
     if spec.probabilities:
-        denominator = float(n_rows)
+        denominator = spec.probability_rows
         rows = _logit_rows(spec)
         probs = layout.to_rows(spec.target.data.astype(weight.dtype, copy=False),
                                (spec.class_axis,), weight.dtype, weight.dtype).matrix

@@ -170,7 +170,7 @@ def cross_entropy(spec: _spec.Loss):
     logits = arrays.on_device(spec.input)
     weight, total_weight = class_weights(spec, logits, need_total=spec.label_smoothing > 0.0)
     if spec.probabilities:
-        denominator = float(spec.n_rows)
+        denominator = spec.probability_rows
         rows = to_rows(logits, (spec.class_axis,), spec.compute_dtype)
         target = to_rows(arrays.on_device(spec.target), (spec.class_axis,),
                          spec.compute_dtype).matrix

@@ -17,7 +17,6 @@ block, a merge a row chunk and the gradient a block, through the CPU backend's s
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -311,7 +310,7 @@ def cross_entropy(spec: _spec.Loss):
     weight, total_weight = split.class_weights(spec)
     if spec.probabilities:
         target = chunked_like(spec.target.data, x.chunks)
-        denominator = float(math.prod(spec.row_shape))
+        denominator = spec.probability_rows
     else:
         target = class_index_targets(spec, x, weight)
         denominator = (target_weight_sum(target, weight, spec.ignore_index)

@@ -27,7 +27,8 @@ from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, res
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss, finite_or_zero,
                                        gradient_at_max, probability_gradient, probability_loss,
-                                       row_scale, smoothed_weight, soft_cap_slope, soft_capped)
+                                       row_scale, smoothed_weight, soft_cap_slope, soft_capped,
+                                       undefined_probability_row)
 
 
 @njit(cache=True, nogil=True)
@@ -329,7 +330,7 @@ def _probability_row(row, probs, i, weight, smoothing, z_loss, scale, row_scales
     m, e, log_s, row_lse = row_log_sum_exp(row)
     if lse.shape[0] > 0:
         lse[i] = row_lse
-    if not math.isfinite(m):
+    if undefined_probability_row(m, row.shape[0]):
         _nan_row(loss, grad, i)
         return
     wy_sum, wyx_sum = row_smoothed_sums(row, probs, weight, smoothing, row.shape[0], m)

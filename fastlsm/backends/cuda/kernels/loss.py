@@ -21,7 +21,7 @@ from fastlsm.backends.cuda.kernels.primitives import (UNROLL, VALUES, WARP, RowK
 from fastlsm.backends.formulas import (class_index_gradient, class_index_loss,
                                        finite_or_zero, gradient_at_max, log_sum,
                                        probability_gradient, probability_loss, reshifted,
-                                       smoothed_weight)
+                                       smoothed_weight, undefined_probability_row)
 
 
 @cuda.jit(device=True)
@@ -248,8 +248,8 @@ def finish_cross_entropy_probs(x, y, weight, row, start, n, size, leader, cached
     row_lse = finite_or_zero(m) + log_s
     if leader and lse.shape[0] > 0:
         lse[row] = row_lse
-    want_grad = grad.shape[0] > 0
-    if not math.isfinite(m):
+    want_grad = grad.size > 0  # none asked, or rows of no classes (whose eps / C is 0 / 0)
+    if undefined_probability_row(m, x.shape[1]):
         if leader:
             loss[row] = math.nan
         if want_grad:
