@@ -21,7 +21,7 @@ from numba import njit, prange
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, rescale_stored_exps,
                                                 row_log_sum, row_log_sum_exp,
-                                                row_max_and_excess, row_stats,
+                                                row_max_and_excess, row_stats_storing_exps,
                                                 task_tiles, tile_bounds, tile_scratch,
                                                 tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
@@ -231,7 +231,7 @@ def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoot
     x_t = _target_logit(row, target[i], ignore_index)  # read first: grad may be x
     maxima = contiguous_row(block_maxima, i)
     if store_exps:
-        m, e = row_stats(row, contiguous_row(grad, i), maxima)
+        m, e = row_stats_storing_exps(row, contiguous_row(grad, i), maxima)
     else:
         # Not row_stats with nothing to store: its one-block path costs ~30 ns a row more.
         m, e = row_max_and_excess(row)

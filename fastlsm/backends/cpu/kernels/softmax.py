@@ -15,9 +15,9 @@ from numba import njit, prange
 from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
 from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, column_stats, column_strips,
                                                 log_sums, rescale_stored_exps, row_log_sum,
-                                                row_log_sum_exp, row_max_and_excess, row_stats,
-                                                strip_bounds, task_tiles, tile_bounds,
-                                                tile_scratch, tile_stats, tile_tasks)
+                                                row_log_sum_exp, row_max_and_excess,
+                                                row_stats_storing_exps, strip_bounds, task_tiles,
+                                                tile_bounds, tile_scratch, tile_stats, tile_tasks)
 from fastlsm.backends.cpu.runtime import RowKernels, rowwise
 from fastlsm.backends.formulas import finite_or_zero
 
@@ -59,7 +59,7 @@ def softmax_rows(x, out):
     for i in prange(x.shape[0]):
         row, dst = contiguous_row(x, i), contiguous_row(out, i)
         maxima = contiguous_row(block_maxima, i)
-        m, e = row_stats(row, dst, maxima)
+        m, e = row_stats_storing_exps(row, dst, maxima)
         if not math.isfinite(m):
             # SciPy's softmax shifts by the max even when it is not finite: such rows are nan.
             dst[:] = np.nan
