@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import fastlsm
+from fastlsm.backends.cpu.kernels.softmax import SHIFTED_STORE_MIN_CLASSES
 from fastlsm.backends.cpu.kernels.stats import TILE_ROWS
 from fastlsm.backends.cpu.runtime import SHORT_ROW_CLASSES
 from checks import assert_nonfinite_match
@@ -655,6 +656,13 @@ def test_nonfinite_table(case, dtype):
                    dtype)
     lsm_row = fastlsm.log_softmax(x2)[1]
     check_log(lsm_row, lsm, dtype)
+    # in rows long enough for log_softmax's shifted store (padded with -inf: terms of 0), apart
+    # and in place
+    wide = np.full((3, SHIFTED_STORE_MIN_CLASSES + 3), -np.inf, dtype)
+    wide[:, :x2.shape[1]] = x2
+    expected = ref.log_softmax(wide)
+    check_log(fastlsm.log_softmax(wide), expected, dtype, "log_softmax, long rows")
+    check_log(fastlsm.log_softmax(wide, out=wide), expected, dtype, "log_softmax, in place")
 
 
 @pytest.mark.parametrize("case", list(NONFINITE))

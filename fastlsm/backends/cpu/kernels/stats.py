@@ -212,6 +212,48 @@ def row_stats_storing_exps(row, exps, block_maxima):
 
 
 @njit(inline="always")
+def _store_shifted_sum_exp(row, shifted, n, c):
+    s = row.dtype.type(0.0)
+    for j in range(n):
+        t = row[j] - c
+        shifted[j] = t
+        s += exp_summand(t)
+    return s
+
+
+@njit(fastmath={"reassoc"})
+def row_stats_storing_shifted(row, shifted):
+    """:func:`row_max_and_excess` of a row of at most :data:`BLOCK` elements, writing
+    ``row - shift`` to ``shifted`` (the row's length; it may be the row) as it sums the exps.
+
+    For log_softmax, whose last pass is then ``shifted -= log(s)`` in cache: the write stream
+    hides behind the exps, where a last pass that reads the row and writes ``row - shift -
+    log(s)`` has nothing to hide it behind (the rows where it pays:
+    :data:`~fastlsm.backends.cpu.kernels.softmax.SHIFTED_STORE_MIN_CLASSES`).
+    """
+    n = row.shape[0]
+    m = _short_max(row, n)
+    c = row.dtype.type(finite_or_zero(m))
+    if not math.isfinite(m):
+        s = row.dtype.type(0.0)
+        for j in range(n):
+            t = row[j] - c
+            shifted[j] = t
+            s += exp(t)  # shifted by 0: inf, nan or 0 as SciPy has it
+    elif shifted.ctypes.data == row.ctypes.data:
+        s = _store_shifted_sum_exp(shifted, shifted, n, c)  # one array: see _block_store_exp
+    else:
+        s = _store_shifted_sum_exp(row, shifted, n, c)
+    total = float(s)
+    if not (total < 2.0 and math.isfinite(m)):
+        return m, total - 1.0
+    # A dominated row, as in _excess: summed again with its 1s counted apart, from the shifted
+    # values (the row itself may have been overwritten).
+    rest, ties = _block_rest_and_ties(shifted, 0, n, 0.0)
+    return m, excess_of(rest, ties)
+
+
+@njit(inline="always")
 def rescale_stored_exps(exps, block_maxima, m, factor):
     """``exps[j] *= exp(shift_b - m) * factor``: the stored exps of :func:`row_stats`, each block
     brought to the row's final (finite) max ``m`` and scaled, e.g. by ``1 / s`` for softmax."""
