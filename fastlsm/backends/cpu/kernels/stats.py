@@ -51,26 +51,32 @@ def _short_max(row, n):
     return m
 
 
+# A block's sum of exps, in three forms that row_stats takes as arguments: each caller of
+# row_stats compiles only its own loops (one row_stats choosing among them at run time took ~4 s
+# to compile, float32, and its call cost ~40 ns a row, more than a 10-class row's work).  Each
+# form goes with the second pass over a dominated block (_excess) that reads what it left.
+
 @njit(inline="always")
-def _block_sum_exp(row, start, stop, m):
+def _block_sum_exp(row, exps, start, stop, m):
+    """The block's plain sum of exps, as :func:`row_stats` shifts them; ``exps`` unused."""
     # Summed in the row's dtype over one block (16 lanes of 128 float32 terms at most), then
     # added to a float64 total by the caller: ~1e-8 relative on 300k-element float32 rows.
     s = row.dtype.type(0.0)
     if not math.isfinite(m):
         for j in range(np.uint64(start), np.uint64(stop)):
             s += exp(row[j])  # shifted by 0: inf, nan or 0 as SciPy has it
-        return s
+        return float(s)
     # Every term is exp(<= 0) and the row's max adds exactly 1: exp_summand's cheaper form holds.
     c = row.dtype.type(m)
     for j in range(np.uint64(start), np.uint64(stop)):
         s += exp_summand(row[j] - c)
-    return s
+    return float(s)
 
 
 @njit(inline="always")
-def _block_rest_and_ties(row, start, stop, m):
-    # The second pass over a dominated block: each term exactly 1 (the max's, and any tie)
-    # counted apart from the rest.
+def _block_rest_and_ties(row, exps, start, stop, m):
+    """The second pass over a dominated block: each term exactly 1 (the max's, and any tie)
+    counted apart from the rest."""
     c = row.dtype.type(m)
     one, zero = row.dtype.type(1.0), row.dtype.type(0.0)
     rest, ties = zero, zero
@@ -83,8 +89,29 @@ def _block_rest_and_ties(row, start, stop, m):
 
 
 @njit(inline="always")
-def _stored_rest_and_ties(exps, start, stop):
-    """:func:`_block_rest_and_ties` of a block whose exps are stored."""
+def _block_store_exp(row, exps, start, stop, m):
+    """:func:`_block_sum_exp`, storing each exp in ``exps``."""
+    c = row.dtype.type(finite_or_zero(m))
+    s = row.dtype.type(0.0)
+    if exps.ctypes.data == row.ctypes.data:
+        # In place (the front end hands a kernel the input itself or memory apart from it): a
+        # loop over one array vectorises, where the two-array loop would fail LLVM's overlap
+        # check and run scalar, ~5x slower.
+        for j in range(np.uint64(start), np.uint64(stop)):
+            t = exp(exps[j] - c)
+            exps[j] = t
+            s += t
+        return float(s)
+    for j in range(np.uint64(start), np.uint64(stop)):
+        t = exp(row[j] - c)
+        exps[j] = t
+        s += t
+    return float(s)
+
+
+@njit(inline="always")
+def _stored_rest_and_ties(row, exps, start, stop, m):
+    """:func:`_block_rest_and_ties` from the exps :func:`_block_store_exp` stored."""
     one, zero = exps.dtype.type(1.0), exps.dtype.type(0.0)
     rest, ties = zero, zero
     for j in range(np.uint64(start), np.uint64(stop)):
@@ -96,71 +123,71 @@ def _stored_rest_and_ties(exps, start, stop):
 
 
 @njit(inline="always")
-def _excess(row, exps, start, stop, m, others, block_sum, store):
-    """The excess ``e = s - 1`` of a row whose max ``m`` is in block ``start:stop``, from that
-    block's plain sum of exps and the ``others`` (rescaled to ``m``).  Only a dominated row (a
-    sum below 2) has that block summed again with its 1s counted apart (from the stored exps
-    where ``store``): no other row pays for the precision."""
-    s = others + block_sum
-    if not (s < 2.0 and math.isfinite(m)):
-        return s - 1.0  # exact for the 0, inf and nan of a row whose max is not finite
-    if store:
-        rest, ties = _stored_rest_and_ties(exps, start, stop)
-    else:
-        rest, ties = _block_rest_and_ties(row, start, stop, m)
-    return others + excess_of(rest, ties)
-
-
-@njit(inline="always")
-def _block_store_exp(row, exps, start, stop, shift):
-    c = row.dtype.type(shift)
+def _store_shifted_sum_exp(row, shifted, start, stop, c):
     s = row.dtype.type(0.0)
-    if exps.ctypes.data == row.ctypes.data:
-        # In place (the front end hands a kernel the input itself or memory apart from it): a
-        # loop over one array vectorises, where the two-array loop would fail LLVM's overlap
-        # check and run scalar, ~5x slower.
-        for j in range(np.uint64(start), np.uint64(stop)):
-            t = exp(exps[j] - c)
-            exps[j] = t
-            s += t
-        return s
     for j in range(np.uint64(start), np.uint64(stop)):
-        t = exp(row[j] - c)
-        exps[j] = t
-        s += t
+        t = row[j] - c
+        shifted[j] = t
+        s += exp_summand(t)
     return s
 
 
 @njit(inline="always")
-def _block_sum(row, exps, start, stop, m, store):
-    """The block's plain sum of exps (as :func:`row_stats` shifts them), stored where ``store``."""
-    if store:
-        return float(_block_store_exp(row, exps, start, stop, finite_or_zero(m)))
-    return float(_block_sum_exp(row, start, stop, m))
+def _block_store_shifted(row, shifted, start, stop, m):
+    """:func:`_block_sum_exp`, writing ``row - shift`` to ``shifted`` as it goes."""
+    c = row.dtype.type(finite_or_zero(m))
+    if not math.isfinite(m):
+        s = row.dtype.type(0.0)
+        for j in range(np.uint64(start), np.uint64(stop)):
+            t = row[j] - c
+            shifted[j] = t
+            s += exp(t)  # shifted by 0: inf, nan or 0 as SciPy has it
+        return float(s)
+    if shifted.ctypes.data == row.ctypes.data:
+        return float(_store_shifted_sum_exp(shifted, shifted, start, stop, c))  # see above
+    return float(_store_shifted_sum_exp(row, shifted, start, stop, c))
 
 
-# The block loops are inlined here, so this function's `reassoc` (which lets LLVM split a sum
-# across SIMD lanes and assumes nothing about inf or nan) is what vectorises the sum of exps.
-@njit(fastmath={"reassoc"})
-def row_stats(row, exps, block_maxima):
+@njit(inline="always")
+def _shifted_rest_and_ties(row, shifted, start, stop, m):
+    """:func:`_block_rest_and_ties` from the values :func:`_block_store_shifted` wrote (the row
+    itself may be gone)."""
+    return _block_rest_and_ties(shifted, shifted, start, stop, 0.0)
+
+
+@njit(inline="always")
+def _excess(row, exps, start, stop, m, others, block_sum, rest_and_ties):
+    """The excess ``e = s - 1`` of a row whose max ``m`` is in block ``start:stop``, from that
+    block's plain sum of exps and the ``others`` (rescaled to ``m``).  Only a dominated row (a
+    sum below 2) has that block summed again with its 1s counted apart (``rest_and_ties``): no
+    other row pays for the precision."""
+    s = others + block_sum
+    if not (s < 2.0 and math.isfinite(m)):
+        return s - 1.0  # exact for the 0, inf and nan of a row whose max is not finite
+    rest, ties = rest_and_ties(row, exps, start, stop, m)
+    return others + excess_of(rest, ties)
+
+
+@njit(inline="always")
+def row_stats(row, exps, block_maxima, block_sum, rest_and_ties):
     """``(m, e)``: the row's max (nan ignored) and the excess ``e = s - 1`` of
     ``s = sum(exp(row - shift))``, ``shift = m`` if finite else 0.
 
     A nan anywhere makes ``e`` nan; ``e`` is -1 for an all ``-inf`` or empty row and ``inf`` for a
-    row holding ``+inf``.  Where ``exps`` has the row's length (it may be the row itself) it
-    also receives each ``exp``, block ``b`` shifted by its running max, which goes to
-    ``block_maxima[b]`` for :func:`rescale_stored_exps`; pass empty arrays to store nothing.
+    row holding ``+inf``.  ``block_sum`` sums a block's exps, storing in ``exps`` what it stores;
+    on a row of more than one block, block ``b`` is shifted by its running max, which goes to
+    ``block_maxima[b]`` (:func:`rescale_stored_exps`, :func:`add_block_shifts`).
     """
-    store = exps.shape[0] > 0
     n = row.shape[0]
     if n <= BLOCK:
         # One block needs no merge; skipping the loop cut 10-class rows by about a third.
         m = _short_max(row, n)
-        return m, _excess(row, exps, 0, n, m, 0.0, _block_sum(row, exps, 0, n, m, store), store)
+        return m, _excess(row, exps, 0, n, m, 0.0, block_sum(row, exps, 0, n, m), rest_and_ties)
     # The block holding the running max keeps its sum apart from the others' until the end, so
     # that a dominated row can have that block summed again with its 1s counted apart: doing so
     # for every block that held a new max cost 8192x32000 float32 logsumexp ~30% (standard
     # normal logits * 3, where a block's own sum is often below 2 but the row's is not).
+    store = block_maxima.shape[0] > 0
     m = -np.inf
     others = 0.0
     max_sum = 0.0
@@ -174,83 +201,61 @@ def row_stats(row, exps, block_maxima):
             max_start = start
             if store:
                 block_maxima[block] = m
-            max_sum = _block_sum(row, exps, start, stop, m, store)
+            max_sum = block_sum(row, exps, start, stop, m)
             continue
         # Every term of the block is one of the others: below the max, or a second term equal
         # to it.
         if store:
             block_maxima[block] = m
-        others += _block_sum(row, exps, start, stop, m, store)
-    return m, _excess(row, exps, max_start, min(max_start + BLOCK, n), m, others, max_sum, store)
+        others += block_sum(row, exps, start, stop, m)
+    return m, _excess(row, exps, max_start, min(max_start + BLOCK, n), m, others, max_sum,
+                      rest_and_ties)
 
 
+# The block loops are inlined in these three, so their `reassoc` (which lets LLVM split a sum
+# across SIMD lanes and assumes nothing about inf or nan) is what vectorises the sum of exps.
 @njit(fastmath={"reassoc"})
 def row_max_and_excess(row):
-    """:func:`row_stats` without storing the exps."""
-    n = row.shape[0]
-    if n <= BLOCK:
-        # The one-block case spelled out: going through row_stats cost ~40 ns a row (more than
-        # the whole work of a 10-class row).
-        m = _short_max(row, n)
-        return m, _excess(row, row[:0], 0, n, m, 0.0, float(_block_sum_exp(row, 0, n, m)), False)
-    return row_stats(row, row[:0], row[:0])
+    """:func:`row_stats`, storing nothing."""
+    return row_stats(row, row[:0], row[:0], _block_sum_exp, _block_rest_and_ties)
 
 
 @njit(fastmath={"reassoc"})
 def row_stats_storing_exps(row, exps, block_maxima):
     """:func:`row_stats` storing the exps in ``exps`` (the row's length; it may be the row)."""
-    n = row.shape[0]
-    if n <= BLOCK:
-        # The one-block case spelled out, as in row_max_and_excess: a call of the whole row_stats
-        # a row made float32 softmax 62 ms instead of 51 at 1000000x100 and 61 instead of 45 at
-        # 131072x1000, cross_entropy with its gradient 76 instead of 65 and 65 instead of 51
-        # (2 threads, kernels loaded from Numba's cache).
-        m = _short_max(row, n)
-        block_sum = _block_store_exp(row, exps, 0, n, finite_or_zero(m))
-        return m, _excess(row, exps, 0, n, m, 0.0, float(block_sum), True)
-    return row_stats(row, exps, block_maxima)
-
-
-@njit(inline="always")
-def _store_shifted_sum_exp(row, shifted, n, c):
-    s = row.dtype.type(0.0)
-    for j in range(n):
-        t = row[j] - c
-        shifted[j] = t
-        s += exp_summand(t)
-    return s
+    return row_stats(row, exps, block_maxima, _block_store_exp, _stored_rest_and_ties)
 
 
 @njit(fastmath={"reassoc"})
-def row_stats_storing_shifted(row, shifted):
-    """:func:`row_max_and_excess` of a row of at most :data:`BLOCK` elements, writing
-    ``row - shift`` to ``shifted`` (the row's length; it may be the row) as it sums the exps.
+def row_stats_storing_shifted(row, shifted, block_maxima):
+    """:func:`row_stats` writing ``row - shift`` to ``shifted`` (the row's length; it may be the
+    row) as it sums the exps: the row's shift for a row of one block, block ``b``'s running max
+    (in ``block_maxima[b]``) for a longer one.
 
-    For log_softmax, whose last pass is then ``shifted -= log(s)`` in cache: the write stream
-    hides behind the exps, where a last pass that reads the row and writes ``row - shift -
-    log(s)`` has nothing to hide it behind (the rows where it pays:
-    :data:`~fastlsm.backends.cpu.kernels.softmax.SHIFTED_STORE_MIN_CLASSES`).
+    For log_softmax, whose last pass then adds ``-log(s)`` and each block's own shift in cache
+    (:func:`add_block_shifts`): the write stream hides behind the exps, where a last pass that
+    reads the row and writes ``row - shift - log(s)`` has nothing to hide it behind (the rows
+    where it pays: :data:`~fastlsm.backends.cpu.kernels.softmax.SHIFTED_STORE_MIN_CLASSES`).
     """
-    n = row.shape[0]
-    m = _short_max(row, n)
-    c = row.dtype.type(finite_or_zero(m))
-    if not math.isfinite(m):
-        s = row.dtype.type(0.0)
+    return row_stats(row, shifted, block_maxima, _block_store_shifted, _shifted_rest_and_ties)
+
+
+@njit(inline="always")
+def add_block_shifts(shifted, block_maxima, m, log_s):
+    """``shifted[j] += (shift_b - shift) - log_s``: log_softmax from the shifted row of
+    :func:`row_stats_storing_shifted` (``shift_b`` block ``b``'s shift, ``shift`` the row's).
+    Every term is at most 0, so the sum has no cancellation: ~3 roundings of relative error."""
+    n = shifted.shape[0]
+    if n <= BLOCK:
+        c = shifted.dtype.type(-log_s)
         for j in range(n):
-            t = row[j] - c
-            shifted[j] = t
-            s += exp(t)  # shifted by 0: inf, nan or 0 as SciPy has it
-    elif shifted.ctypes.data == row.ctypes.data:
-        s = _store_shifted_sum_exp(shifted, shifted, n, c)  # one array: see _block_store_exp
-    else:
-        s = _store_shifted_sum_exp(row, shifted, n, c)
-    total = float(s)
-    if not (total < 2.0 and math.isfinite(m)):
-        return m, total - 1.0
-    # A dominated row, as in _excess: summed again with its 1s counted apart, from the shifted
-    # values (the row itself may have been overwritten).
-    rest, ties = _block_rest_and_ties(shifted, 0, n, 0.0)
-    return m, excess_of(rest, ties)
+            shifted[j] += c
+        return
+    shift = finite_or_zero(m)
+    for block, start in enumerate(range(0, n, BLOCK)):
+        c = shifted.dtype.type((finite_or_zero(block_maxima[block]) - shift) - log_s)
+        for j in range(np.uint64(start), np.uint64(min(start + BLOCK, n))):
+            shifted[j] += c
 
 
 @njit(inline="always")
