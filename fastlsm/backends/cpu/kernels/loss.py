@@ -233,7 +233,6 @@ def _cross_entropy_row(row, i, target, weight, total_weight, ignore_index, smoot
     if store_exps:
         m, e = row_stats_storing_exps(row, contiguous_row(grad, i), maxima)
     else:
-        # Not row_stats with nothing to store: its one-block path costs ~30 ns a row more.
         m, e = row_max_and_excess(row)
     _finish_cross_entropy_row(i, row, x_t, target[i], m, e, row_log_sum(e), maxima, store_exps,
                               weight, total_weight, ignore_index, smoothing, z_loss,
