@@ -76,23 +76,39 @@ class _FloatOps:
         return result
 
 
-def _emit_exp(builder, x, p, summand=False):
+# exp_nonpositive's 2**n is 2**(n + _OFFSET) * 2**-_OFFSET: n >= -150 (-1076) keeps the first
+# factor normal, and bias + _OFFSET even (127 + 65, 1023 + 65) keeps the magic number even, so
+# round-half-even breaks a tie in x / ln2 as exp does.
+_OFFSET = 65
+
+
+def _emit_exp(builder, x, p, summand=False, nonpositive=False):
     fty = x.type
     ops = _FloatOps(builder, fty)
     const, add, sub, mul = ops.const, ops.add, ops.sub, ops.mul
 
     # Clamp with ordered compares, which are false for nan: nan passes through.
     lo = p["lo_zero"] if summand else p["lo"]
-    if not summand:
+    if not (summand or nonpositive):
         x = builder.select(builder.fcmp_ordered(">", x, const(p["hi"]), flags=_FLAGS), const(p["hi"]), x)
     x = builder.select(builder.fcmp_ordered("<", x, const(lo), flags=_FLAGS), const(lo), x)
-    t = add(mul(x, const(p["log2e"])), const(p["magic"]))   # n = round(x / ln2) sits in t's low bits
-    n_float = sub(t, const(p["magic"]))
+    # n = round(x / ln2) sits in t's low bits (for exp_nonpositive, n + bias + _OFFSET).
+    magic = p["magic"] + (p["bias"] + _OFFSET if nonpositive else 0)
+    t = add(mul(x, const(p["log2e"])), const(magic))
+    n_float = sub(t, const(magic))
     r = sub(x, mul(n_float, const(p["ln2_hi"])))
     r = sub(r, mul(n_float, const(p["ln2_lo"])))
     poly = ops.horner(r, p["poly"])
     y = add(add(mul(poly, mul(r, r)), r), const(1.0))
     ity = p["int_type"]
+    if nonpositive:
+        # t's bits are the magic number's plus n + bias + _OFFSET, in (0, 2 * bias), and the
+        # magic number's bits that a shift by mantissa_bits keeps are 0: the shift leaves the
+        # biased exponent of 2**(n + _OFFSET), a normal number, and y * 2**(n + _OFFSET) is exact.
+        # The product by 2**-_OFFSET then rounds once, as exp's two factors do: the same bits.
+        scaled = builder.bitcast(builder.shl(builder.bitcast(t, ity),
+                                             ir.Constant(ity, p["mantissa_bits"])), fty)
+        return mul(mul(y, scaled), const(2.0 ** -_OFFSET))
     n = builder.sub(builder.bitcast(t, ity), ir.Constant(ity, p["magic_bits"]))
 
     def pow2(k):
@@ -119,6 +135,21 @@ def exp(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return _emit_exp(builder, args[0], params)
+    return x(x), codegen
+
+
+@intrinsic
+def exp_nonpositive(typingctx, x):
+    """:func:`exp` of an ``x <= 0`` (or nan), bit for bit, subnormal results included: a row's
+    values less its finite max, stored as softmax's exps.  Without the overflow clamp and with
+    ``2**n`` as one shifted power of two times a constant, ~6 instructions fewer.  A positive
+    ``x`` gives garbage."""
+    params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
+    if params is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _emit_exp(builder, args[0], params, nonpositive=True)
     return x(x), codegen
 
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp_nonpositive
 from fastlsm.backends.cpu.kernels.stats import (block_maxima_rows, log_sums, rescale_stored_exps,
                                                 row_log_sum, row_log_sum_exp,
                                                 row_max_and_excess, row_stats_storing_exps,
@@ -94,10 +94,10 @@ def write_softmax_grad(row, dst, shift, e, p_coef, weight, w_coef):
     b = row.dtype.type(w_coef)
     if w_coef == 0.0:  # two loops rather than a test per class, as on CUDA
         for j in range(row.shape[0]):
-            dst[j] = exp(row[j] - c_shift) * a
+            dst[j] = exp_nonpositive(row[j] - c_shift) * a
     else:
         for j in range(row.shape[0]):
-            dst[j] = exp(row[j] - c_shift) * a - weight[j] * b
+            dst[j] = exp_nonpositive(row[j] - c_shift) * a - weight[j] * b
 
 
 @njit(inline="always")
@@ -136,7 +136,8 @@ def write_probability_grad(row, y, dst, shift, e, p_coef, weight, smoothing, n_c
     a = row.dtype.type(p_coef / (1.0 + e))
     b = row.dtype.type(scale)
     for j in range(row.shape[0]):
-        dst[j] = exp(row[j] - c_shift) * a - smoothed_weight(weight[j], y[j], keep, spread) * b
+        scaled_p = exp_nonpositive(row[j] - c_shift) * a
+        dst[j] = scaled_p - smoothed_weight(weight[j], y[j], keep, spread) * b
     if at >= 0:
         c = scale * smoothed_weight(weight[at], y[at], keep, spread)
         dst[at] = row.dtype.type(gradient_at_max(p_coef, c, e))
@@ -198,7 +199,7 @@ def write_soft_capped(row, dst, softcap):
     for j in range(row.shape[0]):
         v = row[j]
         a = abs(v) * inverse_cap
-        dst[j] = soft_capped(v, a, exp(a * kind(-2.0)), softcap, kind)
+        dst[j] = soft_capped(v, a, exp_nonpositive(a * kind(-2.0)), softcap, kind)
 
 
 @njit(inline="always")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp, exp_nonpositive
 from fastlsm.backends.cpu.kernels.loss import (row_smoothed_sums, row_weighted_sum,
                                                write_probability_grad, write_softmax_grad,
                                                write_target_gradient)
@@ -269,7 +269,7 @@ def softmax_finish_rows(x, stats, out):
         shift = row.dtype.type(m)
         scale = row.dtype.type(1.0 / (1.0 + stats[i, 1]))
         for j in range(row.shape[0]):
-            dst[j] = exp(row[j] - shift) * scale
+            dst[j] = exp_nonpositive(row[j] - shift) * scale
 
 
 @rowwise

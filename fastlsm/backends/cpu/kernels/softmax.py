@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp
+from fastlsm.backends.cpu.kernels._simd import contiguous_row, exp_nonpositive
 from fastlsm.backends.cpu.kernels.stats import (add_block_shifts, block_maxima_rows, column_stats,
                                                 column_strips, log_sums, rescale_stored_exps,
                                                 row_log_sum, row_log_sum_exp, row_max_and_excess,
@@ -98,7 +98,7 @@ def softmax_short_rows(x, out):
                     continue
                 scale = row.dtype.type(1.0 / (1.0 + excesses[i - first]))
                 for j in range(row.shape[0]):
-                    dst[j] = exp(row[j] - m) * scale
+                    dst[j] = exp_nonpositive(row[j] - m) * scale
 
 
 @rowwise
@@ -146,7 +146,7 @@ def softmax_columns(x, out):
             column = contiguous_row(slab, c)[first:last]
             dst_column = contiguous_row(dst, c)[first:last]
             for w in range(last - first):
-                dst_column[w] = exp(column[w] - shifts[w]) * scales[w]
+                dst_column[w] = exp_nonpositive(column[w] - shifts[w]) * scales[w]
 
 
 @rowwise

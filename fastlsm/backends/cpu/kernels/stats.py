@@ -30,8 +30,8 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
-from fastlsm.backends.cpu.kernels._simd import (block_max, contiguous_row, exp, exp_summand,
-                                                log1p, max_ignoring_nan)
+from fastlsm.backends.cpu.kernels._simd import (block_max, contiguous_row, exp, exp_nonpositive,
+                                                exp_summand, log1p, max_ignoring_nan)
 from fastlsm.backends.formulas import excess_of, finite_or_zero, rescaled
 
 # Elements per block of the statistics pass: small enough to stay in L1 between its max and its
@@ -89,24 +89,36 @@ def _block_rest_and_ties(row, exps, start, stop, m):
 
 
 @njit(inline="always")
+def _store_exp_sum(row, exps, start, stop, c):
+    # Every value less a finite max is <= 0 (or nan): exp_nonpositive, exp's bits at ~6
+    # instructions fewer (float32 softmax 131072x1000 47-49 -> 43-44 ms).
+    s = row.dtype.type(0.0)
+    for j in range(np.uint64(start), np.uint64(stop)):
+        t = exp_nonpositive(row[j] - c)
+        exps[j] = t
+        s += t
+    return float(s)
+
+
+@njit(inline="always")
 def _block_store_exp(row, exps, start, stop, m):
     """:func:`_block_sum_exp`, storing each exp in ``exps``."""
-    c = row.dtype.type(finite_or_zero(m))
-    s = row.dtype.type(0.0)
+    if not math.isfinite(m):
+        # Shifted by 0: inf, nan or 0 as SciPy has it.  Rare rows, so one loop for in place
+        # and not (each entry is read before it is written).
+        s = row.dtype.type(0.0)
+        for j in range(np.uint64(start), np.uint64(stop)):
+            t = exp(row[j])
+            exps[j] = t
+            s += t
+        return float(s)
+    c = row.dtype.type(m)
     if exps.ctypes.data == row.ctypes.data:
         # In place (the front end hands a kernel the input itself or memory apart from it): a
         # loop over one array vectorises, where the two-array loop would fail LLVM's overlap
         # check and run scalar, ~5x slower.
-        for j in range(np.uint64(start), np.uint64(stop)):
-            t = exp(exps[j] - c)
-            exps[j] = t
-            s += t
-        return float(s)
-    for j in range(np.uint64(start), np.uint64(stop)):
-        t = exp(row[j] - c)
-        exps[j] = t
-        s += t
-    return float(s)
+        return _store_exp_sum(exps, exps, start, stop, c)
+    return _store_exp_sum(row, exps, start, stop, c)
 
 
 @njit(inline="always")
