@@ -126,48 +126,37 @@ def _emit_exp(builder, x, p, summand=False, nonpositive=False):
     return mul(mul(y, pow2(n1)), pow2(builder.sub(n, n1)))
 
 
-@intrinsic
-def exp(typingctx, x):
-    """``exp(x)`` for a float32 or float64 ``x``, in ``x``'s dtype."""
-    params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
-    if params is None:
-        return None
+def _exp_intrinsic(name, doc, **variant):
+    """An intrinsic ``name(x)`` computing ``_emit_exp``'s ``variant`` in ``x``'s dtype, float32
+    or float64."""
+    def typer(typingctx, x):
+        params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
+        if params is None:
+            return None
 
-    def codegen(context, builder, signature, args):
-        return _emit_exp(builder, args[0], params)
-    return x(x), codegen
-
-
-@intrinsic
-def exp_nonpositive(typingctx, x):
-    """:func:`exp` of an ``x <= 0`` (or nan), bit for bit, subnormal results included: a row's
-    values less its finite max, stored as softmax's exps.  Without the overflow clamp and with
-    ``2**n`` as one shifted power of two times a constant, ~6 instructions fewer.  A positive
-    ``x`` gives garbage."""
-    params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
-    if params is None:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return _emit_exp(builder, args[0], params, nonpositive=True)
-    return x(x), codegen
+        def codegen(context, builder, signature, args):
+            return _emit_exp(builder, args[0], params, **variant)
+        return x(x), codegen
+    typer.__name__ = typer.__qualname__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def exp_summand(typingctx, x):
-    """``exp(x)`` for ``x <= 0`` (or nan) as a term of a sum that is at least 1: as :func:`exp`,
-    but ``x`` below about ``log`` of the smallest normal number (~1e-38 in float32) gives at
-    most that number and below -88 (-709) exactly 0, never a subnormal computed in steps: an
-    error far below the sum's rounding, and a row's excess over its max stays exactly 0 where
-    every other entry is that far below it (``logsumexp([0, -inf])`` is 0, not 1e-308).
-    Without the overflow clamp and the two-factor ``2**n``, ~25% fewer instructions."""
-    params = {types.float32: _FLOAT32, types.float64: _FLOAT64}.get(x)
-    if params is None:
-        return None
+exp = _exp_intrinsic("exp", """``exp(x)`` for a float32 or float64 ``x``, in ``x``'s dtype.""")
 
-    def codegen(context, builder, signature, args):
-        return _emit_exp(builder, args[0], params, summand=True)
-    return x(x), codegen
+exp_nonpositive = _exp_intrinsic("exp_nonpositive", """:func:`exp` of an ``x <= 0`` (or nan),
+    bit for bit, subnormal results included: a row's values less its finite max, stored as
+    softmax's exps.  Without the overflow clamp and with ``2**n`` as one shifted power of two
+    times a constant, ~6 instructions fewer.  A positive ``x`` gives garbage.""",
+    nonpositive=True)
+
+exp_summand = _exp_intrinsic("exp_summand", """``exp(x)`` for ``x <= 0`` (or nan) as a term of
+    a sum that is at least 1: as :func:`exp`, but ``x`` below about ``log`` of the smallest
+    normal number (~1e-38 in float32) gives at most that number and below -88 (-709) exactly 0,
+    never a subnormal computed in steps: an error far below the sum's rounding, and a row's
+    excess over its max stays exactly 0 where every other entry is that far below it
+    (``logsumexp([0, -inf])`` is 0, not 1e-308).  Without the overflow clamp and the two-factor
+    ``2**n``, ~25% fewer instructions.""", summand=True)
 
 
 # musl's log1p: u = 1 + x = 2**k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)), log(1 + f) from
