@@ -5,7 +5,10 @@ Errors are in units in the last place (ulp) of the correctly rounded result, tak
 reference: float64 for float32, the x87 80-bit long double for float64 (where NumPy has one).
 """
 
+import ctypes
+import mmap
 import re
+import sys
 
 import llvmlite.binding as llvm
 import numba
@@ -161,19 +164,47 @@ def _block_max_of(x, start, stop):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_block_max_is_the_max_ignoring_nan(dtype, rng):
-    """Every start and stop around the vector groups (64 float32 / 32 float64 a group)."""
+    """Every start and stop around the vector groups (32 float32 / 16 float64 a group), the
+    whole vectors after them and the masked last one, with the max at each place in turn."""
     x = rng.standard_normal(300).astype(dtype)
     x[[7, 150]] = np.nan
     x[299] = 9.0
-    for start in (0, 1, 5, 63, 64, 100):
-        for stop in (start, start + 1, start + 31, start + 64, start + 65, 200, 299, 300):
-            stop = min(stop, 300)
+    for start in (0, 1, 5, 31, 32, 63, 64, 100):
+        for stop in range(start, 300):
             part = x[start:stop]
             kept = part[~np.isnan(part)]
             expected = kept.max() if kept.size else -np.inf
             assert _block_max_of(x, start, stop) == expected, (start, stop)
+    for n in range(1, 80):
+        for place in range(n):
+            y = np.full(n, -1.0, dtype)
+            y[place] = 2.0
+            assert _block_max_of(y, 0, n) == 2.0, (n, place)
     assert _block_max_of(np.full(200, np.nan, dtype), 0, 200) == -np.inf
     assert _block_max_of(np.array([-np.inf] * 70 + [np.inf], dtype), 0, 71) == np.inf
+    assert _block_max_of(np.array([np.nan] * 69 + [-np.inf], dtype), 0, 70) == -np.inf
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs mprotect (POSIX)")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_max_reads_nothing_past_stop(dtype):
+    """Rows that end where an unreadable page begins: the masked last vector must not touch
+    it (a load of the whole vector would crash the process)."""
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    pages = mmap.mmap(-1, 2 * page)
+    values = np.frombuffer(pages, dtype, count=page // np.dtype(dtype).itemsize)
+    guard = values.ctypes.data + page
+    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    try:
+        values[:] = np.arange(values.size, dtype=dtype)
+        for n in range(1, 70):
+            assert _block_max_of(values[values.size - n:], 0, n) == values.size - 1, n
+    finally:
+        libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
+        del values
+        pages.close()
 
 
 @njit
@@ -220,7 +251,8 @@ EXP_KERNELS = {  # name: (kernel, its arguments for a matrix x)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_loops_vectorise(name, dtype):
     # exp builds 2**n by shifting integers into the exponent bits: a vector `shl` in the
-    # optimised IR is exp running across SIMD lanes, a vector `llvm.maxnum` the max loop.
+    # optimised IR is exp running across SIMD lanes.  The max is block_max's vector loop (its
+    # last vector a masked load, of 256 bits) or, in the tiles, a vector `llvm.maxnum`.
     # (Compiled afresh: Numba cannot show the IR of a kernel loaded from its cache.)
     compiled, arguments = EXP_KERNELS[name]
     kernel = numba.njit(error_model="numpy")(compiled.serial.py_func)  # as runtime.rowwise
@@ -230,9 +262,11 @@ def test_kernel_loops_vectorise(name, dtype):
     int_type, float_type = ("i32", "f32") if dtype == np.float32 else ("i64", "f64")
     lanes = host_lanes(dtype)
     shl = [int(n) for n in re.findall(rf"shl <(\d+) x {int_type}>", ir)]
-    maxnum = [int(n) for n in re.findall(rf"llvm\.maxnum\.v(\d+){float_type}", ir)]
+    maxima = [int(n) for n in re.findall(rf"llvm\.(?:masked\.load|maxnum)\.v(\d+){float_type}",
+                                         ir)]
     assert shl and max(shl) >= lanes, f"exp is not vectorised in {name}"
-    assert maxnum and max(maxnum) >= lanes, f"the max loop is not vectorised in {name}"
+    assert maxima and max(maxima) >= min(lanes, 32 // np.dtype(dtype).itemsize), \
+        f"the max loop is not vectorised in {name}"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -39,18 +39,6 @@ from fastlsm.backends.formulas import excess_of, finite_or_zero, rescaled
 BLOCK = 2048
 
 
-@njit(inline="always")
-def _short_max(row, n):
-    """The max of a row of at most :data:`BLOCK` elements, ignoring nan: LLVM's own vectorised
-    loop, which beats :func:`~._simd.block_max` on such rows (its scalar tail and its four
-    accumulators' reduction cost more than a short row's max: 1000000x100 float32 logsumexp
-    53 -> 85 ms, 256x128 log_softmax 18 -> 24 us, 2 threads)."""
-    m = row.dtype.type(-np.inf)
-    for j in range(n):
-        m = max_ignoring_nan(m, row[j])
-    return m
-
-
 # A block's sum of exps, in three forms that row_stats takes as arguments: each caller of
 # row_stats compiles only its own loops (one row_stats choosing among them at run time took ~4 s
 # to compile, float32, and its call cost ~40 ns a row, more than a 10-class row's work).  Each
@@ -193,7 +181,7 @@ def row_stats(row, exps, block_maxima, block_sum, rest_and_ties):
     n = row.shape[0]
     if n <= BLOCK:
         # One block needs no merge; skipping the loop cut 10-class rows by about a third.
-        m = _short_max(row, n)
+        m = block_max(row, 0, n)
         return m, _excess(row, exps, 0, n, m, 0.0, block_sum(row, exps, 0, n, m), rest_and_ties)
     # The block holding the running max keeps its sum apart from the others' until the end, so
     # that a dominated row can have that block summed again with its 1s counted apart: doing so
