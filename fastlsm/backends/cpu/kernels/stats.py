@@ -129,7 +129,7 @@ def _store_shifted_sum_exp(row, shifted, start, stop, c):
         t = row[j] - c
         shifted[j] = t
         s += exp_summand(t)
-    return s
+    return float(s)
 
 
 @njit(inline="always")
@@ -144,8 +144,8 @@ def _block_store_shifted(row, shifted, start, stop, m):
             s += exp(t)  # shifted by 0: inf, nan or 0 as SciPy has it
         return float(s)
     if shifted.ctypes.data == row.ctypes.data:
-        return float(_store_shifted_sum_exp(shifted, shifted, start, stop, c))  # see above
-    return float(_store_shifted_sum_exp(row, shifted, start, stop, c))
+        return _store_shifted_sum_exp(shifted, shifted, start, stop, c)  # see above
+    return _store_shifted_sum_exp(row, shifted, start, stop, c)
 
 
 @njit(inline="always")
